@@ -1,0 +1,3 @@
+"""elbolab: variational inference and variational autoencoders on PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from elbolab.cli import entry_point
+
+entry_point()

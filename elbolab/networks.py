@@ -1,0 +1,123 @@
+"""Network builders and Gaussian encoders.
+
+An encoder returns the distribution q(z|x):
+
+* diagonal:  q(z|x) = N(mu(x), diag(exp(logvar(x))))                         (notes 000 eq. 6, notes 001 s5)
+* full:      q(z|x) = N(mu(x), L(x) L(x)^T), L lower triangular with a positive diagonal, so that
+             z = mu + L eps, eps ~ N(0, I), and log q(z) = log N(eps; 0, I) - log|det dz/deps|
+             with log|det dz/deps| = sum_i log L_ii  (Kingma & Welling 2019, "An Introduction to VAEs", s2.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from elbolab.errors import ElbolabError
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "gelu": nn.GELU}
+COVARIANCES = ("diag", "full")
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ElbolabError(f"expected an activation in {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(sizes: Sequence[int], act: str = "relu", final_activation: bool = False) -> nn.Sequential:
+    """Linear layers sizes[0] -> ... -> sizes[-1] with ``act`` between them."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+def _check_conv_shape(image_shape):
+    if image_shape is None or len(image_shape) != 2 or image_shape[0] % 4 or image_shape[1] % 4:
+        raise ElbolabError(
+            f"expected images with height and width divisible by 4 for the conv architecture, got {image_shape}; "
+            "try --arch mlp"
+        )
+
+
+def conv_encoder_body(image_shape: tuple[int, int], act: str = "relu", channels=(32, 64)) -> tuple[nn.Module, int]:
+    """Two stride-2 convolutions: [B, H*W] -> [B, C * H/4 * W/4]. Returns the module and its output width."""
+    _check_conv_shape(image_shape)
+    h, w = image_shape
+    c1, c2 = channels
+    body = nn.Sequential(
+        nn.Unflatten(-1, (1, h, w)),
+        nn.Conv2d(1, c1, 4, stride=2, padding=1), activation(act),
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1), activation(act),
+        nn.Flatten(),
+    )
+    return body, c2 * (h // 4) * (w // 4)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of ``conv_encoder_body``: [..., latent] -> [..., outputs * H * W]."""
+
+    def __init__(self, latent_dim: int, image_shape, outputs: int = 1, act: str = "relu", channels=(64, 32)):
+        super().__init__()
+        _check_conv_shape(image_shape)
+        h, w = image_shape
+        c1, c2 = channels
+        self.start = (c1, h // 4, w // 4)
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c1 * (h // 4) * (w // 4)), activation(act))
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(c1, c2, 4, stride=2, padding=1), activation(act),
+            nn.ConvTranspose2d(c2, outputs, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z):
+        lead = z.shape[:-1]  # e.g. [L, B]
+        h = self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start)
+        out = self.deconv(h)  # [N, outputs, H, W]
+        return out.reshape(*lead, -1)
+
+
+class GaussianEncoder(nn.Module):
+    """body(x) -> features -> q(z|x), diagonal or full covariance."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, latent_dim: int, covariance: str = "diag"):
+        super().__init__()
+        if covariance not in COVARIANCES:
+            raise ElbolabError(f"expected encoder covariance in {COVARIANCES}, got {covariance!r}")
+        self.body, self.latent_dim, self.covariance = body, latent_dim, covariance
+        self.loc = nn.Linear(feature_dim, latent_dim)
+        self.log_var = nn.Linear(feature_dim, latent_dim)
+        if covariance == "full":
+            n_off = latent_dim * (latent_dim - 1) // 2
+            self.off_diagonal = nn.Linear(feature_dim, n_off)
+            nn.init.zeros_(self.off_diagonal.weight)  # start diagonal; correlations are learned
+            nn.init.zeros_(self.off_diagonal.bias)
+            self.register_buffer("tril_index", torch.tril_indices(latent_dim, latent_dim, offset=-1), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)  # [B, H]
+        loc = self.loc(h)  # [B, d]
+        scale_diag = torch.exp(0.5 * self.log_var(h))  # [B, d]
+        if self.covariance == "diag":
+            return Independent(Normal(loc, scale_diag, validate_args=False), 1)
+        tril = torch.diag_embed(scale_diag)  # [B, d, d]
+        rows, cols = self.tril_index
+        tril[..., rows, cols] = self.off_diagonal(h)
+        return MultivariateNormal(loc, scale_tril=tril, validate_args=False)
+
+
+def standard_normal_prior(latent_dim: int, like: torch.Tensor) -> Independent:
+    """p(z) = N(0, I) as an Independent Normal on the device and dtype of ``like``."""
+    zeros = like.new_zeros(latent_dim)
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+
+
+def gaussian_log_abs_det_jacobian(q: MultivariateNormal) -> torch.Tensor:
+    """log|det dz/deps| of z = mu + L eps: the sum of log L_ii. Shape [B]."""
+    return q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+

@@ -1,0 +1,101 @@
+"""The command line on the embedded digits data: every command, and bad input giving one clear line and exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from elbolab.cli import main
+
+TRAIN = ["--epochs", "2", "--latent-dim", "2", "--hidden", "32", "--batch-size", "64", "--no-progress",
+         "--no-tensorboard"]
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "vae", "--data", "digits", "--out", str(out), *TRAIN]) == 0
+    return out
+
+
+def test_models_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "vae" in out and "autoencoder" in out
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "manifest.json",
+            "figures", "index.html"} <= names
+    figures = {p.name for p in (trained_run / "figures").iterdir()}
+    assert {"samples.png", "reconstructions.png", "curves.png", "manifold.png", "latent_scatter.png"} <= figures
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"] == "vae" and config["model_config"]["latent_dim"] == 2
+
+
+def test_eval_sample_report(trained_run, capsys, tmp_path):
+    code, out, _ = run(capsys, "eval", str(trained_run), "--iw-samples", "50", "--no-progress")
+    assert code == 0
+    result = json.loads(out)
+    assert result == json.loads((trained_run / "eval.json").read_text())
+    assert result["log_px"]["mean"] >= result["elbo"] - 1.0  # IS estimate sits above the ELBO (up to MC noise)
+    png = tmp_path / "s.png"
+    code, out, _ = run(capsys, "sample", str(trained_run), "-n", "16", "--out", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run(capsys, "report", str(trained_run))
+    assert code == 0
+    html = (trained_run / "index.html").read_text()
+    assert "log_px" in html or "log p(x)" in html
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "nosuchmodel", "--out", "{tmp}/a"], "expected a model in"),
+        (["train", "vae", "--out", "{tmp}/a", "--hidden", "4x4"], "expected --hidden"),
+        (["train", "vae", "--out", "{tmp}/a", "--binarize", "sometimes"], "sometimes"),
+        (["train", "vae", "--out", "{tmp}/a", "--data", "{tmp}/missing.npy"], "missing.npy"),
+        (["train", "vae", "--out", "{tmp}/a", "--likelihood", "poisson"], "likelihood"),
+        (["train", "vae", "--out", "{tmp}/a", "--lr", "0"], "learning rate"),
+        (["eval", "{tmp}/no-run"], "run folder"),
+        (["sample", "{tmp}/no-run"], "run folder"),
+        (["report", "{tmp}/no-run"], "run folder"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(args, expected, capsys, tmp_path):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run(capsys, "train")
+    assert code == 2 and "Missing argument" in err
+
+
+def test_console_script_exit_code_and_debug_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "elbolab", "eval", str(tmp_path / "nothing")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_demo_runs_offline_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--epochs", "2", "--iw-samples", "20"]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0 and "log p(x)" in stdout and (out / "index.html").exists()
+    first = (out / "model.safetensors").read_bytes()
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0 and (tmp_path / "demo-1" / "index.html").exists()
+    assert (out / "model.safetensors").read_bytes() == first
