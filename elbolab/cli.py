@@ -29,6 +29,18 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _parse_val_size(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ElbolabError(f"expected --val-size as a count (1000) or a fraction (0.1), got {text!r}") from None
+
+
 @app.command("models")
 def models_command():
     """List the registered models."""
@@ -46,6 +58,7 @@ def train_command(
     data: str = typer.Option("digits", help="digits (built in), mnist, or a .npy/.npz/.csv file"),
     data_dir: Path = typer.Option(None, "--data-dir", help="folder holding the MNIST IDX files"),
     binarize: str = typer.Option("none", help="none | dynamic | static"),
+    val_size: str = typer.Option(None, "--val-size", help="validation rows (count, or a fraction like 0.1)"),
     latent_dim: int = typer.Option(20, "--latent-dim"),
     hidden: str = typer.Option("400", help="hidden layer sizes, e.g. 400,400"),
     activation: str = typer.Option("relu", help="relu | tanh | elu | softplus | gelu"),
@@ -69,7 +82,8 @@ def train_command(
     from elbolab import pipeline
 
     run = pipeline.train(
-        model, data, out=out, data_dir=data_dir, binarize=binarize, latent_dim=latent_dim,
+        model, data, out=out, data_dir=data_dir, binarize=binarize, val_size=_parse_val_size(val_size),
+        latent_dim=latent_dim,
         hidden=_parse_hidden(hidden), activation=activation, architecture=arch, likelihood=likelihood, sigma=sigma,
         encoder_covariance=encoder_covariance, epochs=epochs, batch_size=batch_size, lr=lr, adam_eps=adam_eps,
         beta=beta, kl_warmup_epochs=kl_warmup, mc_samples=mc_samples, seed=seed, resume=resume,
