@@ -1,0 +1,104 @@
+"""Model building blocks: likelihood heads against their textbook formulas, the registry, every configuration."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from elbolab import runs
+from elbolab.errors import CheckpointError, ElbolabError
+from elbolab.likelihoods import build_likelihood
+from elbolab.models import ModelConfig, available_models, build_model, register_model
+from elbolab.models.vae import VAE
+
+
+def test_bernoulli_head_is_the_negative_binary_cross_entropy():
+    logits, x = torch.randn(3, 10), torch.rand(3, 10).round()
+    expected = -F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="none").sum(-1)
+    torch.testing.assert_close(build_likelihood("bernoulli", 10)(logits).log_prob(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fixed_gaussian_head_is_scaled_squared_error():
+    # notes 000 eq. 10: log N(x; f(z), sigma^2 I) = -||x - f(z)||^2 / (2 sigma^2) - D/2 log(2 pi sigma^2)
+    mean, x, sigma = torch.randn(4, 6), torch.randn(4, 6), 0.3
+    expected = -((x - mean) ** 2).sum(-1) / (2 * sigma**2) - 6 / 2 * math.log(2 * math.pi * sigma**2)
+    torch.testing.assert_close(build_likelihood("gaussian", 6, sigma)(mean).log_prob(x), expected)
+
+
+def test_learned_variances_receive_gradients_and_move_toward_the_residual_scale():
+    head = build_likelihood("gaussian-learned", 5, 1.0)
+    x = 0.1 * torch.randn(2000, 5)  # residual scale 0.1 around a zero mean
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        (-head(torch.zeros_like(x)).log_prob(x).mean()).backward()
+        opt.step()
+    torch.testing.assert_close(head.log_scale.exp(), torch.full((5,), 0.1), rtol=0.1, atol=0)
+    decoder_head = build_likelihood("gaussian-decoder", 5)
+    out = torch.randn(7, 10, requires_grad=True)  # mean and raw scale per dimension
+    p = decoder_head(out)
+    assert p.event_shape == (5,) and p.batch_shape == (7,)
+    p.log_prob(torch.zeros(7, 5)).sum().backward()
+    assert out.grad[:, 5:].abs().sum() > 0  # the variance half is trained
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian-learned", "gaussian-decoder"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_every_vae_configuration_trains_one_step(arch, likelihood, covariance):
+    torch.manual_seed(0)
+    model = build_model("vae", ModelConfig(input_dim=64, image_shape=(8, 8), latent_dim=3, hidden=(16,),
+                                           architecture=arch, likelihood=likelihood, encoder_covariance=covariance))
+    x = torch.rand(6, 64).round()
+    out = model(x, beta=1.0, mc_samples=3)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert set(out.metrics) == {"elbo", "kl", "recon"} and all(v.shape == (6,) for v in out.metrics.values())
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.sample(5).shape == (5, 64) and model.log_importance_weights(x, 4).shape == (4, 6)
+
+
+def test_autoencoder_losses_are_ce_and_sse():
+    torch.manual_seed(0)
+    x = torch.rand(5, 16)
+    ce = build_model("autoencoder", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="bernoulli"))
+    logits = ce.decoder(ce.encoder(x))
+    torch.testing.assert_close(ce(x).loss, F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / 5)
+    sse = build_model("autoencoder", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    torch.testing.assert_close(sse(x).loss, ((sse.decoder(sse.encoder(x)) - x) ** 2).sum() / 5)
+    with pytest.raises(ElbolabError, match="no q"):
+        sse.encode(x)
+
+
+def test_registry():
+    assert {"vae", "autoencoder"} <= set(available_models())
+    with pytest.raises(ElbolabError, match="expected a model in"):
+        build_model("nope", ModelConfig(input_dim=4))
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("vae")(type("Other", (VAE,), {}))
+
+
+def test_config_validation_and_round_trip():
+    cfg = ModelConfig(input_dim=64, image_shape=(8, 8), hidden=[32, 16])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.hidden == (32, 16)
+    with pytest.raises(ElbolabError, match="image_shape"):
+        ModelConfig(input_dim=60, image_shape=(8, 8))
+    with pytest.raises(ElbolabError, match="unknown keys"):
+        ModelConfig.from_dict({"input_dim": 4, "latnet_dim": 2})
+    with pytest.raises(ElbolabError, match="divisible by 4"):
+        build_model("vae", ModelConfig(input_dim=36, image_shape=(6, 6), architecture="conv"))
+
+
+def test_damaged_weights_give_a_checkpoint_error(tmp_path):
+    from elbolab import pipeline
+
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, latent_dim=2, hidden=(8,), progress=False,
+                         tensorboard=False, figures=False)
+    data = (run / runs.WEIGHTS).read_bytes()
+    (run / runs.WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        runs.load_run(run)
+    (run / runs.CONFIG).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        runs.load_run(run)
