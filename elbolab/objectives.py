@@ -15,7 +15,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence, register_kl
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
 
 
 def kl_term(q: Distribution, p: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,7 +36,8 @@ def kl_term(q: Distribution, p: Distribution, z: torch.Tensor | None = None) -> 
     except NotImplementedError:
         if z is None:
             raise ValueError(
-                f"no closed-form KL({type(q).__name__} || {type(p).__name__}); pass samples z for a Monte-Carlo estimate"
+                f"no closed-form KL({type(q).__name__} || {type(p).__name__}); "
+                "pass samples z for a Monte-Carlo estimate"
             ) from None
         return (q.log_prob(z) - p.log_prob(z)).mean(0)
 

@@ -14,8 +14,8 @@ import torch
 
 from elbolab import runs
 from elbolab.errors import ElbolabError
-from elbolab.models import ModelConfig, get_model_class
-from elbolab.trainer import Trainer, TrainConfig
+from elbolab.models import get_model_class
+from elbolab.trainer import TrainConfig, Trainer
 
 
 def _load_splits(data_info: dict, data_dir=None):

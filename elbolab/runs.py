@@ -92,7 +92,9 @@ def load_run(run_dir) -> tuple[torch.nn.Module, dict]:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"expected a run folder, got {run_dir} which does not exist; pass the --out of 'elbolab train'")
+        raise CheckpointError(
+            f"expected a run folder, got {run_dir} which does not exist; pass the --out of 'elbolab train'"
+        )
     config = read_json(run_dir / CONFIG)
     cls = get_model_class(config["model"])
     model = cls(cls.config_class.from_dict(config["model_config"]))

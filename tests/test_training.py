@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from elbolab import pipeline, runs
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged
 from elbolab.models import ModelConfig, build_model
-from elbolab.trainer import Trainer, TrainConfig
+from elbolab.trainer import TrainConfig, Trainer
 
 FAST = dict(latent_dim=2, hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
 

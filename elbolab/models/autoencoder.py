@@ -23,7 +23,8 @@ class Autoencoder(LatentVariableModel):
     def build_encoder(self, config: ModelConfig) -> nn.Module:
         if config.likelihood not in ("bernoulli", "gaussian"):
             raise ElbolabError(
-                f"autoencoder: expected likelihood bernoulli (CE loss) or gaussian (SSE loss), got {config.likelihood!r}"
+                "autoencoder: expected likelihood bernoulli (CE loss) or gaussian (SSE loss), "
+                f"got {config.likelihood!r}"
             )
         body, width = self.encoder_body(config, config.input_dim)
         return nn.Sequential(body, nn.Linear(width, config.latent_dim))

@@ -17,8 +17,15 @@ from torch import nn
 
 from elbolab.errors import ElbolabError
 from elbolab.likelihoods import LIKELIHOODS, build_likelihood
-from elbolab.networks import ACTIVATIONS, COVARIANCES, ConvDecoder, GaussianEncoder, conv_encoder_body, mlp
-from elbolab.networks import standard_normal_prior
+from elbolab.networks import (
+    ACTIVATIONS,
+    COVARIANCES,
+    ConvDecoder,
+    GaussianEncoder,
+    conv_encoder_body,
+    mlp,
+    standard_normal_prior,
+)
 
 ARCHITECTURES = ("mlp", "conv")
 
@@ -57,7 +64,9 @@ class ModelConfig:
             if not ok:
                 raise ElbolabError(f"model config: expected {expected}, got {got!r}")
         if self.image_shape is not None and self.image_shape[0] * self.image_shape[1] != self.input_dim:
-            raise ElbolabError(f"model config: image_shape {self.image_shape} does not match input_dim {self.input_dim}")
+            raise ElbolabError(
+                f"model config: image_shape {self.image_shape} does not match input_dim {self.input_dim}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
