@@ -3,8 +3,8 @@
 Every head returns an ``Independent`` distribution with one event dimension, so ``log_prob(x)`` gives one value
 per example (summed over pixels), shape ``[..., B]``.
 
-* ``bernoulli``         p(x|z) = prod_d Bernoulli(x_d; sigmoid(f_d(z)))           (notes 001 s5, notes 003)
-* ``gaussian``          p(x|z) = N(x; f(z), sigma^2 I), sigma fixed              (notes 000 eq. 10)
+* ``bernoulli``         p(x|z) = prod_d Bernoulli(x_d; sigmoid(f_d(z)))           (Kingma & Welling 2014, App. C.1)
+* ``gaussian``          p(x|z) = N(x; f(z), sigma^2 I), sigma fixed              (notes 000 eq. 3, notes 001 eq. 29)
 * ``gaussian-learned``  p(x|z) = N(x; f(z), diag(s^2)), s one learned value per pixel
 * ``gaussian-decoder``  p(x|z) = N(x; f(z), Sigma(z)), Sigma(z) = diag(s(z)^2) output by the decoder
 """

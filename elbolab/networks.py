@@ -2,7 +2,7 @@
 
 An encoder returns the distribution q(z|x):
 
-* diagonal:  q(z|x) = N(mu(x), diag(exp(logvar(x))))                         (notes 000 eq. 6, notes 001 s5)
+* diagonal:  q(z|x) = N(mu(x), diag(exp(logvar(x))))                         (notes 000 eq. 6, notes 001 eq. 29)
 * full:      q(z|x) = N(mu(x), L(x) L(x)^T), L lower triangular with a positive diagonal, so that
              z = mu + L eps, eps ~ N(0, I), and log q(z) = log N(eps; 0, I) - log|det dz/deps|
              with log|det dz/deps| = sum_i log L_ii  (Kingma & Welling 2019, "An Introduction to VAEs", s2.5).

@@ -3,7 +3,7 @@
 Shape convention: samples on dim 0, then batch: ``log_px_given_z`` is ``[L, B]``; results are per example ``[B]``
 and are reduced only in a model's ``loss``.
 
-ELBO (notes 000 eq. 5, notes 001 eq. 31, Kingma & Welling 2014 eq. 7), with a beta weight (Higgins et al. 2017):
+ELBO (notes 000 eq. 5, notes 001 eq. 42-43, Kingma & Welling 2014 eq. 7), with a beta weight (Higgins et al. 2017):
 
     ELBO_beta(x) = 1/L sum_l log p(x | z_l) - beta * KL(q(z|x) || p(z)),   z_l = mu + sigma * eps_l
 

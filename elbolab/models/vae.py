@@ -1,10 +1,10 @@
 """Variational autoencoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"), with a beta weight
 (Higgins et al. 2017, beta-VAE).
 
-Objective, per example (notes 000 eq. 5-10, notes 001 eq. 31-37, notes 003):
+Objective, per example (notes 000 eq. 5 and 10, notes 001 eq. 40-42, notes 003):
 
     L(x) = 1/L sum_{l=1}^{L} log p(x | z_l) - beta * KL(q(z|x) || p(z)),
-    z_l = mu(x) + L(x) eps_l,  eps_l ~ N(0, I)              (reparameterisation; L = sigma for a diagonal q)
+    z_l = mu(x) + L(x) eps_l,  eps_l ~ N(0, I)   (reparameterisation, notes 000 eq. 9; L = sigma for a diagonal q)
 
 The KL is the closed form  1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)  (notes 000 eq. 7, notes 001 eq. 37)
 evaluated by ``torch.distributions.kl_divergence``; a Monte-Carlo estimate is used for priors without one.
