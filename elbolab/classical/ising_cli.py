@@ -1,0 +1,142 @@
+"""CLI commands: ``elbolab denoise`` (Ising denoising) and ``elbolab functional shortest-curve``.
+
+The lead's ``elbolab/cli.py`` mounts them: ``app.command("denoise")(denoise_command)`` and
+``app.add_typer(functional_app, name="functional")``. Bad input raises ElbolabError (one-line message, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from elbolab.classical.images import add_gaussian_noise, builtin_image, error_rate, flip_pixels, load_png, save_png
+from elbolab.classical.ising import IsingDenoiser, IsingModel
+from elbolab.classical.variations import arc_length_lagrangian, minimize_functional
+from elbolab.errors import ElbolabError
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6, 4), dpi=100)
+
+
+def denoise_command(
+    image: Optional[Path] = typer.Argument(  # noqa: UP045 - typer needs Optional here on Python 3.10
+        None, help="PNG of the clean image (grey > 0.5 is white = +1); default: the built-in test image."),
+    noise: str = typer.Option("gaussian", help="Noise added to the clean image and assumed by the model: "
+                                               "gaussian or flip."),
+    sigma: float = typer.Option(2.0, help="Gaussian noise standard deviation."),
+    p: float = typer.Option(0.1, "--p", help="Flip noise: probability that a pixel is flipped, in (0, 0.5)."),
+    method: str = typer.Option("meanfield", help="meanfield, icm or gibbs."),
+    coupling: float = typer.Option(1.0, help="Ising coupling J (each neighbour pair counted once)."),
+    damping: float = typer.Option(0.5, help="Mean-field damping lambda in (0, 1]; 1 = undamped."),
+    schedule: str = typer.Option("parallel", help="Mean-field schedule: parallel or checkerboard."),
+    sweeps: int = typer.Option(1000, help="Maximum sweeps (mean-field, ICM); sweeps run (Gibbs)."),
+    seed: int = typer.Option(0, help="Seed of the noise and of the Gibbs sampler."),
+    size: int = typer.Option(128, help="Side of the built-in image in pixels."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+) -> None:
+    """Add noise to a binary image, denoise it, and write the pictures, ELBO curve and error rates."""
+    IsingModel(coupling, noise, sigma, p)  # checks the noise settings before any work
+    clean = builtin_image(size) if image is None else load_png(image)
+    noisy = add_gaussian_noise(clean, sigma, seed) if noise == "gaussian" else flip_pixels(clean, p, seed)
+    denoiser = IsingDenoiser(coupling=coupling, noise=noise, sigma=sigma, flip_prob=p, damping=damping,
+                             method=method, schedule=schedule, max_sweeps=sweeps, random_state=seed)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        denoiser.fit(noisy)
+    elapsed = time.perf_counter() - start
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    spread = 1.0 + 2.0 * sigma if noise == "gaussian" else 1.0
+    save_png(clean, out / "clean.png")
+    save_png(noisy, out / "noisy.png", vmin=-spread, vmax=spread)
+    save_png(denoiser.predict(), out / "denoised.png")
+    save_png(denoiser.posterior_mean_, out / "posterior_mean.png")
+
+    curve = denoiser.elbo_history_ or denoiser.log_joint_history_
+    label = "ELBO" if denoiser.elbo_history_ else ("log p~(z|x) of the state" if method == "icm"
+                                                  else "mean log p~(z|x) of the samples")
+    fig = _figure()
+    ax = fig.add_subplot()
+    first = 0 if denoiser.elbo_history_ else 1  # the ELBO history starts at the initialisation
+    ax.plot(np.arange(first, first + len(curve)), curve)
+    ax.set(xlabel="sweep", ylabel=label, title=f"{method}: {label} per sweep")
+    fig.tight_layout()
+    fig.savefig(out / "elbo.png")
+
+    result = {
+        "image": "builtin" if image is None else str(image), "shape": list(clean.shape), "noise": noise,
+        "sigma": sigma if noise == "gaussian" else None, "flip_prob": p if noise == "flip" else None,
+        "method": method, "coupling": coupling, "damping": damping, "schedule": schedule, "seed": seed,
+        "n_sweeps": denoiser.n_sweeps_, "converged": denoiser.converged_,
+        "final_elbo": denoiser.elbo_history_[-1] if denoiser.elbo_history_ else None,
+        "final_log_joint": denoiser.log_joint_history_[-1] if denoiser.log_joint_history_ else None,
+        "error_rate_noisy": error_rate(noisy, clean), "error_rate_denoised": error_rate(denoiser.predict(), clean),
+        "seconds": elapsed,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    typer.echo(f"{method}: pixel error {result['error_rate_noisy']:.4f} (noisy) -> "
+               f"{result['error_rate_denoised']:.4f} (denoised) after {denoiser.n_sweeps_} sweeps; wrote {out}")
+
+
+functional_app = typer.Typer(help="Calculus of variations by direct minimisation (notes 002 s1).",
+                             no_args_is_help=True)
+
+
+@functional_app.command("shortest-curve")
+def shortest_curve_command(
+    points: int = typer.Option(33, help="Nodes of the discretised curve, end points included (>= 3)."),
+    steps: int = typer.Option(1000, help="Most optimizer steps."),
+    optimizer: str = typer.Option("lbfgs", help="lbfgs, adam or gd."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+) -> None:
+    """Minimise the arc length between (0, 0) and (1, 1) from a curvy start; plot the iterates."""
+    x0, x1, y0, y1 = 0.0, 1.0, 0.0, 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = minimize_functional(arc_length_lagrangian, x0, x1, y0, y1, n_points=points, steps=steps,
+                                     optimizer=optimizer)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    line = y0 + (y1 - y0) * (result.x - x0) / (x1 - x0)
+    deviation = float(np.abs(result.y - line).max())
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig = _figure()
+    ax = fig.add_subplot()
+    # At most 12 curves, spaced evenly in log(step) because the early steps change the curve most.
+    shown = sorted({int(round(v)) for v in np.geomspace(1, len(result.iterates), 12)} | {1})
+    colours = [(0.2 + 0.6 * k / max(len(shown) - 1, 1),) * 3 for k in range(len(shown))]
+    for index, colour in zip(shown, colours[::-1]):
+        ax.plot(result.x, result.iterates[index - 1], color=colour, lw=0.8)
+    ax.plot(result.x, result.y, "b-", lw=1.5, label=f"final iterate (step {result.n_steps})")
+    ax.plot(result.x, line, "r--", lw=1.5, label="straight line (Euler-Lagrange solution)")
+    ax.set(xlabel="x", ylabel="y", title="Shortest curve: iterates (grey, light = early)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "iterates.png")
+
+    summary = {
+        "points": points, "optimizer": optimizer, "steps": result.n_steps, "converged": result.converged,
+        "max_deviation_from_line": deviation, "euler_lagrange_residual": result.euler_lagrange_residual,
+        "length": result.value, "straight_line_length": math.hypot(x1 - x0, y1 - y0),
+        "initial_length": result.history[0],
+    }
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(f"shortest curve: max deviation from the line {deviation:.2e}, Euler-Lagrange residual "
+               f"{result.euler_lagrange_residual:.2e} after {result.n_steps} steps; wrote {out}")
+
+
+__all__ = ["denoise_command", "functional_app", "shortest_curve_command", "ElbolabError"]

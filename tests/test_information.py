@@ -1,0 +1,87 @@
+"""Entropy, cross-entropy and KL (notes 001 s4) against scipy.stats.entropy and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import entropy as scipy_entropy
+
+from elbolab.classical.information import binary_entropy, cross_entropy, entropy, kl_divergence
+from elbolab.errors import ElbolabError
+
+
+def random_distributions(seed, shape, zeros=False):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
+    if zeros:
+        p[..., 0] = 0.0
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+@pytest.mark.parametrize("base", [None, 2.0, 10.0])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_matches_scipy(base, zeros):
+    p = random_distributions(0, (5, 7), zeros)
+    q = random_distributions(1, (5, 7))
+    np.testing.assert_allclose(entropy(p, base=base), scipy_entropy(p, base=base, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(kl_divergence(p, q, base=base), scipy_entropy(p, q, base=base, axis=-1),
+                               rtol=1e-12)
+    # H(p, q) = H(p) + KL(p || q), both sides from scipy
+    np.testing.assert_allclose(cross_entropy(p, q, base=base),
+                               scipy_entropy(p, base=base, axis=-1) + scipy_entropy(p, q, base=base, axis=-1),
+                               rtol=1e-12)
+    assert isinstance(entropy(p[0]), float)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 2**31 - 1))
+def test_gibbs_inequality(k, seed):
+    p, q = random_distributions(seed, (k,)), random_distributions(seed + 1, (k,))
+    assert cross_entropy(p, q) >= entropy(p) - 1e-12
+    assert kl_divergence(p, q) >= 0.0
+    assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert entropy(p) <= math.log(k) + 1e-12  # the uniform distribution has the largest entropy
+
+
+def test_zero_probabilities():
+    assert entropy([1.0, 0.0, 0.0]) == 0.0  # 0 log 0 = 0
+    assert cross_entropy([0.5, 0.5], [1.0, 0.0]) == math.inf
+    assert kl_divergence([0.5, 0.5], [1.0, 0.0]) == math.inf
+    assert kl_divergence([1.0, 0.0], [0.5, 0.5]) == pytest.approx(math.log(2))
+    assert entropy(np.full(8, 1 / 8), base=2) == pytest.approx(3.0)
+
+
+def test_binary_entropy_maximum_at_one_half():
+    grid = np.linspace(0, 1, 10001)
+    values = binary_entropy(grid)
+    assert grid[np.argmax(values)] == pytest.approx(0.5)
+    assert values.max() == pytest.approx(math.log(2))
+    assert binary_entropy(0.5, base=2) == pytest.approx(1.0)
+    assert binary_entropy(0.0) == 0.0 and binary_entropy(1.0) == 0.0
+    np.testing.assert_allclose(values, scipy_entropy(np.stack([grid, 1 - grid]), axis=0), atol=1e-15)
+    # the notes' derivative -log(p / (1 - p)) vanishes only at 0.5; check it by finite differences
+    h = 1e-6
+    for p in (0.2, 0.5, 0.8):
+        slope = (binary_entropy(p + h) - binary_entropy(p - h)) / (2 * h)
+        assert slope == pytest.approx(-math.log(p / (1 - p)), abs=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: entropy([0.5, 0.6]), "sum to 1"),
+    (lambda: entropy([1.5, -0.5]), "non-negative"),
+    (lambda: entropy([np.nan, 1.0]), "NaN"),
+    (lambda: entropy([]), "probabilities"),
+    (lambda: entropy(["a"]), "real"),
+    (lambda: kl_divergence([0.5, 0.5], [0.2, 0.3, 0.5]), "same number"),
+    (lambda: cross_entropy(np.full((2, 2), 0.5), np.full((3, 2), 0.5)), "broadcast"),
+    (lambda: entropy([0.5, 0.5], base=1), "base"),
+    (lambda: binary_entropy(1.2), r"\[0, 1\]"),
+])
+def test_bad_input_raises_one_clear_error(call, match):
+    with pytest.raises(ElbolabError, match=match):
+        call()

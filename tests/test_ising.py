@@ -1,0 +1,287 @@
+"""Ising denoising (notes 002 s3) checked against brute-force enumeration of all 2^(H W) states.
+
+The reference below is written from the definitions in the module docstring of elbolab.classical.ising
+(edges counted once, l_i(z) = log p(x_i | z) without the Gaussian normaliser), independently of the code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import typer
+from scipy.special import logsumexp
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from typer.testing import CliRunner
+
+from elbolab.classical.images import add_gaussian_noise, builtin_image, error_rate, flip_pixels, load_png, save_png
+from elbolab.classical.ising import IsingDenoiser, IsingModel, evidence_from_flip_prob, flip_prob_from_evidence
+from elbolab.classical.ising_cli import denoise_command
+from elbolab.errors import ElbolabError
+
+
+# ---------------------------------------------------------------- brute-force reference
+def grid_edges(height, width):
+    edges = []
+    for r, c in itertools.product(range(height), range(width)):
+        if r + 1 < height:
+            edges.append((r * width + c, (r + 1) * width + c))
+        if c + 1 < width:
+            edges.append((r * width + c, r * width + c + 1))
+    return edges
+
+
+def log_lik(x, z, noise, sigma, flip_prob):
+    if noise == "gaussian":
+        return -((x - z) ** 2) / (2 * sigma**2)
+    return np.where(z == x, math.log(1 - flip_prob), math.log(flip_prob))
+
+
+class Enumeration:
+    """All states z [S, n] of an H x W grid with their log p~(z | x)."""
+
+    def __init__(self, x, coupling, noise="gaussian", sigma=1.0, flip_prob=0.1):
+        height, width = x.shape
+        n = height * width
+        self.states = np.array(list(itertools.product((-1.0, 1.0), repeat=n)))  # [S, n]
+        flat = x.reshape(-1)
+        self.log_p = log_lik(flat[None, :], self.states, noise, sigma, flip_prob).sum(axis=1)
+        for i, j in grid_edges(height, width):
+            self.log_p += coupling * self.states[:, i] * self.states[:, j]
+        self.log_z = logsumexp(self.log_p)
+        self.shape = x.shape
+
+    def marginal_means(self):
+        weights = np.exp(self.log_p - self.log_z)
+        return (weights[:, None] * self.states).sum(axis=0).reshape(self.shape)
+
+    def elbo(self, mu):
+        """E_q[log p~] + H(q) for q(z) = prod_i (1 + mu_i z_i) / 2, summed over all states."""
+        q = np.prod((1 + mu.reshape(-1)[None, :] * self.states) / 2, axis=1)
+        positive = q > 0
+        return float((q * self.log_p).sum() - (q[positive] * np.log(q[positive])).sum())
+
+
+def neighbour_sum_loops(mu):
+    height, width = mu.shape
+    out = np.zeros_like(mu)
+    for r, c in itertools.product(range(height), range(width)):
+        for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            if 0 <= r + dr < height and 0 <= c + dc < width:
+                out[r, c] += mu[r + dr, c + dc]
+    return out
+
+
+MODELS = [dict(noise="gaussian", sigma=0.8), dict(noise="flip", flip_prob=0.2)]
+
+
+def observed_for(model, shape, seed):
+    rng = np.random.default_rng(seed)
+    clean = np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+    if model["noise"] == "gaussian":
+        return clean + model["sigma"] * rng.standard_normal(shape)
+    return np.where(rng.random(shape) < model["flip_prob"], -clean, clean)
+
+
+# ---------------------------------------------------------------- the model's log p~ and ELBO
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("shape", [(3, 3), (2, 4)])
+def test_log_joint_and_elbo_match_enumeration(model, shape):
+    x = observed_for(model, shape, seed=1)
+    ising = IsingModel(coupling=0.7, **model)
+    reference = Enumeration(x, 0.7, **model)
+    for state, value in zip(reference.states[::37], reference.log_p[::37]):
+        assert ising.log_joint(state.reshape(shape), x) == pytest.approx(value, abs=1e-10)
+    mu = np.random.default_rng(2).uniform(-0.95, 0.95, shape)
+    mu[0, 0] = 1.0  # a deterministic site: 0 log 0 = 0
+    assert ising.elbo(mu, x) == pytest.approx(reference.elbo(mu), abs=1e-9)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("schedule", ["parallel", "checkerboard"])
+def test_fitted_elbo_equals_enumeration_and_is_below_log_z(model, schedule):
+    x = observed_for(model, (4, 4), seed=3)
+    denoiser = IsingDenoiser(coupling=0.6, damping=0.5, schedule=schedule, tol=1e-10, dtype="float64",
+                             **model).fit(x)
+    reference = Enumeration(x, 0.6, **model)
+    assert denoiser.converged_
+    assert denoiser.elbo_history_[-1] == pytest.approx(reference.elbo(denoiser.posterior_mean_), abs=1e-8)
+    assert denoiser.elbo_history_[-1] <= reference.log_z
+    # float32 tracks the same value to float32 precision
+    fast = IsingDenoiser(coupling=0.6, schedule=schedule, tol=1e-5, **model).fit(x)
+    assert fast.elbo_history_[-1] == pytest.approx(reference.elbo(fast.posterior_mean_), abs=1e-4)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("schedule", ["parallel", "checkerboard"])
+def test_meanfield_fixed_point_satisfies_update_equation(model, schedule):
+    x = observed_for(model, (5, 6), seed=4)
+    coupling = 0.9
+    denoiser = IsingDenoiser(coupling=coupling, schedule=schedule, tol=1e-12, dtype="float64", **model).fit(x)
+    mu = denoiser.posterior_mean_
+    if model["noise"] == "gaussian":
+        field = x / model["sigma"] ** 2
+    else:
+        field = 0.5 * (math.log(1 - model["flip_prob"]) - math.log(model["flip_prob"])) * x
+    np.testing.assert_allclose(mu, np.tanh(coupling * neighbour_sum_loops(mu) + field), atol=1e-10)
+    assert np.abs(mu).max() <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_checkerboard_elbo_never_decreases():
+    x = observed_for(MODELS[0], (12, 10), seed=5)
+    for damping in (1.0, 0.5, 0.2):
+        history = IsingDenoiser(coupling=1.0, sigma=0.8, damping=damping, schedule="checkerboard",
+                                max_sweeps=150, dtype="float64").fit(x).elbo_history_
+        assert np.all(np.diff(history) >= -1e-9), damping
+
+
+def test_zero_coupling_meanfield_is_exact_and_weak_coupling_is_close():
+    x = observed_for(MODELS[0], (3, 4), seed=6)
+    exact0 = Enumeration(x, 0.0, sigma=0.8).marginal_means()
+    fit0 = IsingDenoiser(coupling=0.0, sigma=0.8, tol=1e-12, dtype="float64").fit(x)
+    np.testing.assert_allclose(fit0.posterior_mean_, exact0, atol=1e-10)
+    exact = Enumeration(x, 0.1, sigma=0.8).marginal_means()
+    fit = IsingDenoiser(coupling=0.1, sigma=0.8, tol=1e-12, dtype="float64").fit(x)
+    # Mean-field ignores correlations: its error is second order in J, here far smaller than the prior's effect.
+    assert np.abs(fit.posterior_mean_ - exact).max() < 0.1 * np.abs(exact - exact0).max()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gibbs_marginals_match_enumeration(model):
+    x = observed_for(model, (3, 3), seed=7)
+    exact = Enumeration(x, 0.5, **model).marginal_means()
+    gibbs = IsingDenoiser(coupling=0.5, method="gibbs", max_sweeps=400, burn_in=50, n_chains=400,
+                          random_state=0, **model).fit(x)
+    # 400 chains x 350 sweeps: the Monte Carlo standard error is below 0.01.
+    np.testing.assert_allclose(gibbs.posterior_mean_, exact, atol=0.04)
+    assert len(gibbs.log_joint_history_) == 400 and gibbs.elbo_history_ == []
+    again = IsingDenoiser(coupling=0.5, method="gibbs", max_sweeps=400, burn_in=50, n_chains=400,
+                          random_state=0, **model).fit(x)
+    np.testing.assert_array_equal(again.posterior_mean_, gibbs.posterior_mean_)
+
+
+@pytest.mark.parametrize("coupling", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("seed", [8, 9, 10])
+def test_icm_never_increases_energy_and_ends_in_a_local_optimum(coupling, seed):
+    x = observed_for(MODELS[0], (9, 8), seed=seed)
+    icm = IsingDenoiser(coupling=coupling, sigma=0.8, method="icm").fit(x)
+    model = IsingModel(coupling=coupling, sigma=0.8)
+    start = model.log_joint(np.where(x >= 0, 1.0, -1.0), x)
+    history = [start] + icm.log_joint_history_
+    assert np.all(np.diff(history) >= -1e-4)  # float32 sums of ~100 terms
+    z = icm.posterior_mean_
+    assert set(np.unique(z)) <= {-1.0, 1.0} and icm.converged_
+    best = model.log_joint(z, x)
+    assert best == pytest.approx(icm.log_joint_history_[-1], abs=1e-4)
+    for r, c in itertools.product(range(9), range(8)):  # no single flip improves log p~
+        flipped = z.copy()
+        flipped[r, c] *= -1
+        assert model.log_joint(flipped, x) <= best + 1e-9
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_denoising_builtin_image_reduces_errors():
+    clean = builtin_image(32)
+    assert set(np.unique(clean)) == {-1.0, 1.0} and clean.shape == (32, 32)
+    noisy = add_gaussian_noise(clean, 1.0, seed=0)
+    for method in ("meanfield", "icm", "gibbs"):
+        denoiser = IsingDenoiser(coupling=1.0, sigma=1.0, method=method, max_sweeps=150, random_state=0)
+        estimate = denoiser.fit(noisy).predict()
+        assert set(np.unique(estimate)) <= {-1.0, 1.0}
+        assert error_rate(estimate, clean) < 0.5 * error_rate(noisy, clean), method
+    flipped = flip_pixels(clean, 0.1, seed=0)
+    assert 0.06 < error_rate(flipped, clean) < 0.14  # binomial(1024, 0.1): sd 0.0094
+    estimate = IsingDenoiser(noise="flip", flip_prob=0.1).fit(flipped).predict()
+    assert error_rate(estimate, clean) < 0.5 * error_rate(flipped, clean)
+
+
+def test_bishop_evidence_mapping():
+    assert evidence_from_flip_prob(0.1) == pytest.approx(0.5 * math.log(9))
+    assert flip_prob_from_evidence(evidence_from_flip_prob(0.07)) == pytest.approx(0.07)
+    # eta x z and the flip likelihood differ by a constant: l(+1) - l(-1) = 2 eta x
+    p = flip_prob_from_evidence(2.1)
+    assert math.log((1 - p) / p) == pytest.approx(2 * 2.1)
+
+
+# ---------------------------------------------------------------- estimator contract and bad input
+def test_sklearn_contract_and_warning():
+    denoiser = IsingDenoiser(coupling=0.5, max_sweeps=2, tol=1e-12)
+    assert clone(denoiser).get_params()["coupling"] == 0.5
+    x = observed_for(MODELS[0], (6, 6), seed=9)
+    with pytest.warns(ConvergenceWarning, match="damping"):
+        assert denoiser.fit(x) is denoiser
+    assert denoiser.n_sweeps_ == 2 and len(denoiser.elbo_history_) == 3 and not denoiser.converged_
+    with pytest.raises(ElbolabError, match="not fitted"):
+        IsingDenoiser().predict()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sigma=0.0), dict(sigma=-1.0), dict(noise="flip", flip_prob=0.0), dict(noise="flip", flip_prob=0.5),
+    dict(flip_prob=0.7), dict(damping=0.0), dict(damping=1.5), dict(method="bp"), dict(noise="poisson"),
+    dict(schedule="random"), dict(max_sweeps=0), dict(tol=-1.0), dict(coupling=float("nan")),
+    dict(method="gibbs", burn_in=1000), dict(dtype="float16"),
+])
+def test_bad_settings_raise_one_clear_error(settings):
+    with pytest.raises(ElbolabError):
+        IsingDenoiser(**settings).fit(np.ones((3, 3)))
+
+
+@pytest.mark.parametrize("observed, noise, match", [
+    (np.ones((2, 2, 3)), "gaussian", "2-D"), (np.ones(5), "gaussian", "2-D"),
+    (np.array([[0.0, np.nan], [1.0, 1.0]]), "gaussian", "NaN"), (np.array([[0.0, 1.0]]), "flip", "-1 and \\+1"),
+    (np.array([["a", "b"]]), "gaussian", "real-valued"),
+])
+def test_bad_images_raise_one_clear_error(observed, noise, match):
+    with pytest.raises(ElbolabError, match=match):
+        IsingDenoiser(noise=noise).fit(observed)
+
+
+# ---------------------------------------------------------------- images and CLI
+def test_png_round_trip_and_errors(tmp_path):
+    image = builtin_image(32)
+    np.testing.assert_array_equal(load_png(save_png(image, tmp_path / "a.png")), image)
+    with pytest.raises(ElbolabError, match="does not exist"):
+        load_png(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ElbolabError, match="Could not read"):
+        load_png(tmp_path / "text.png")
+
+
+def cli_app():
+    app = typer.Typer()
+    app.command("denoise")(denoise_command)
+    app.command("unused")(lambda: None)  # two commands, so "denoise" stays a named sub-command
+    return app
+
+
+def test_cli_denoise_writes_outputs(tmp_path):
+    save_png(builtin_image(32), tmp_path / "in.png")
+    runner = CliRunner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = runner.invoke(cli_app(), ["denoise", str(tmp_path / "in.png"), "--noise", "flip", "--p", "0.1",
+                                           "--method", "icm", "--out", str(tmp_path / "run")])
+        assert result.exit_code == 0, result.output
+        builtin = runner.invoke(cli_app(), ["denoise", "--sigma", "1", "--size", "24", "--sweeps", "50",
+                                            "--out", str(tmp_path / "run2")])
+    assert builtin.exit_code == 0, builtin.output
+    for name in ("noisy.png", "denoised.png", "posterior_mean.png", "elbo.png", "result.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert summary["error_rate_denoised"] < summary["error_rate_noisy"]
+    summary2 = json.loads((tmp_path / "run2" / "result.json").read_text())
+    assert summary2["n_sweeps"] <= 50 and summary2["final_elbo"] is not None
+
+
+def test_cli_denoise_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli_app(), ["denoise", str(tmp_path / "none.png"), "--out", str(tmp_path)])
+    assert isinstance(result.exception, ElbolabError)
+    result = runner.invoke(cli_app(), ["denoise", "--noise", "flip", "--p", "0.6", "--out", str(tmp_path)])
+    assert isinstance(result.exception, ElbolabError)
