@@ -20,7 +20,8 @@ def test_bernoulli_head_is_the_negative_binary_cross_entropy():
 
 
 def test_fixed_gaussian_head_is_scaled_squared_error():
-    # notes 000 eq. 3 / notes 001 eq. 29: log N(x; f(z), sigma^2 I) = -||x - f(z)||^2 / (2 sigma^2) - D/2 log(2 pi sigma^2)
+    # notes 000 eq. 3 / notes 001 eq. 29:
+    # log N(x; f(z), sigma^2 I) = -||x - f(z)||^2 / (2 sigma^2) - D/2 log(2 pi sigma^2)
     mean, x, sigma = torch.randn(4, 6), torch.randn(4, 6), 0.3
     expected = -((x - mean) ** 2).sum(-1) / (2 * sigma**2) - 6 / 2 * math.log(2 * math.pi * sigma**2)
     torch.testing.assert_close(build_likelihood("gaussian", 6, sigma)(mean).log_prob(x), expected)
