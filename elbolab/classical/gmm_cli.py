@@ -1,0 +1,173 @@
+"""``elbolab gmm fit``: fit a Gaussian mixture (EM or variational Bayes) to a .csv / .npy file and write the
+parameters (JSON), the labels, the bound per iteration and, for 2-D data, a contour plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import typer
+from sklearn.exceptions import ConvergenceWarning
+
+from elbolab.classical._mixture_common import COVARIANCE_TYPES
+from elbolab.errors import DataError, ElbolabError
+
+app = typer.Typer(help="Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI).",
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+METHODS = ("em", "vb")
+
+
+@app.callback()
+def _group() -> None:
+    """Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI)."""
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def load_matrix(path: Path) -> np.ndarray:
+    """A numeric [N, D] float64 array from .npy or .csv (comma-separated, optional header row; 1-D = one feature)."""
+    if not path.is_file():
+        raise DataError(f"expected a data file, got no file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"expected a numeric .npy array in {path}, could not read it ({err}); save it with "
+                            "np.save(path, X.astype(float))") from None
+    elif suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        if rows and not all(_is_number(cell) for cell in rows[0]):
+            rows = rows[1:]  # header line
+        widths = {len(row) for row in rows}
+        if not rows or len(widths) != 1:
+            raise DataError(f"expected comma-separated rows of equal length in {path}, got "
+                            f"{len(rows)} rows with {sorted(widths)} columns")
+        for number, row in enumerate(rows, start=1):
+            bad = [cell for cell in row if not _is_number(cell)]
+            if bad:
+                raise DataError(f"expected numbers only in {path}, got {bad[0]!r} in data row {number}; "
+                                "remove label or text columns")
+        array = np.asarray(rows, dtype=np.float64)
+    else:
+        raise DataError(f"expected a .csv or .npy file, got {path.name!r}")
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"expected numbers in {path}, got dtype {array.dtype}")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.size == 0:
+        raise DataError(f"expected a 2-D array [n_samples, n_features] in {path}, got shape {array.shape}")
+    return array.astype(np.float64)
+
+
+def _plot_curve(history, ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(np.arange(1, len(history) + 1), history, marker=".")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low, high = X.min(0), X.max(0)
+    pad = 0.1 * (high - low) + 1e-9
+    gx, gy = np.meshgrid(np.linspace(low[0] - pad[0], high[0] + pad[0], 150),
+                         np.linspace(low[1] - pad[1], high[1] + pad[1], 150))
+    density = model.score_samples(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(X[:, 0], X[:, 1], c=labels, s=6, cmap="tab10", alpha=0.6)
+    levels = np.linspace(density.max() - 12.0, density.max(), 13)
+    contour = ax.contour(gx, gy, density, levels=levels, cmap="viridis", linewidths=0.8)
+    fig.colorbar(contour, ax=ax, label="log density")
+    ax.scatter(model.means_[:, 0], model.means_[:, 1], marker="x", c="red", s=50)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tolist(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+@app.command("fit")
+def fit_command(
+    data: Path = typer.Argument(..., help=".csv (optional header row) or .npy file, one row per sample"),
+    n_components: int = typer.Option(..., "-k", "--n-components", help="number of mixture components K"),
+    covariance: str = typer.Option("full", "--covariance", help="full | diag | spherical | tied"),
+    method: str = typer.Option("em", "--method", help="em (maximum likelihood) | vb (variational Bayes)"),
+    out: Path = typer.Option(Path("gmm-out"), "--out", help="output folder (created; our files in it overwritten)"),
+    seed: int = typer.Option(0, "--seed", help="random seed of the k-means initialisation"),
+    max_iter: int = typer.Option(100, "--max-iter"),
+    tol: float = typer.Option(1e-3, "--tol", help="stop when the bound changes by less than this"),
+    n_init: int = typer.Option(1, "--n-init", help="restarts; the best bound is kept"),
+):
+    """Fit a Gaussian mixture and write params.json, labels.npy, curve.csv/.png and (2-D data) contours.png."""
+    from elbolab.classical import BayesianGaussianMixture, GaussianMixture
+
+    if method not in METHODS:
+        raise ElbolabError(f"expected --method in {list(METHODS)}, got {method!r}")
+    if covariance not in COVARIANCE_TYPES:
+        raise ElbolabError(f"expected --covariance in {list(COVARIANCE_TYPES)}, got {covariance!r}")
+    X = load_matrix(data)
+    settings = dict(n_components=n_components, covariance_type=covariance, random_state=seed,
+                    max_iter=max_iter, tol=tol, n_init=n_init)
+    model = GaussianMixture(**settings) if method == "em" else BayesianGaussianMixture(**settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X)
+    labels = model.predict(X)
+    out.mkdir(parents=True, exist_ok=True)
+    bound_name = "mean log-likelihood per sample" if method == "em" else "ELBO (nats, whole data set)"
+    params = {"method": method, "covariance_type": covariance, "n_components": n_components,
+              "n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "seed": seed,
+              "converged": bool(model.converged_), "n_iter": int(model.n_iter_), "bound_name": bound_name,
+              "lower_bound": float(model.lower_bound_), "weights": _tolist(model.weights_),
+              "means": _tolist(model.means_), "covariances": _tolist(model.covariances_)}
+    if method == "em":
+        params.update(bic=float(model.bic(X)), aic=float(model.aic(X)))
+    else:
+        concentration = model.weight_concentration_
+        params.update(weight_concentration=_tolist(concentration), mean_precision=_tolist(model.mean_precision_),
+                      degrees_of_freedom=_tolist(model.degrees_of_freedom_))
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    np.save(out / "labels.npy", labels.astype(np.int64), allow_pickle=False)
+    history = np.asarray(model.lower_bound_history_, dtype=np.float64)
+    np.savetxt(out / "curve.csv", np.column_stack([np.arange(1, len(history) + 1), history]), delimiter=",",
+               header="iteration,bound", comments="", fmt=["%d", "%.10g"])
+    written = ["params.json", "labels.npy", "curve.csv", "curve.png"]
+    _plot_curve(history, bound_name, out / "curve.png")
+    if X.shape[1] == 2:
+        _plot_contours(model, X, labels, f"{method.upper()} {covariance}, K = {n_components}", out / "contours.png")
+        written.append("contours.png")
+    status = f"converged in {model.n_iter_} iterations" if model.converged_ else (
+        f"NOT converged after {model.n_iter_} iterations (try a larger --max-iter or --tol)")
+    typer.echo(f"{method.upper()} Gaussian mixture, K = {n_components}, {covariance} covariance, "
+               f"{X.shape[0]} x {X.shape[1]} data: {status}")
+    typer.echo(f"{bound_name}: {model.lower_bound_:.6g}")
+    typer.echo("weights: " + " ".join(f"{w:.3f}" for w in np.asarray(model.weights_)))
+    if caught and not model.converged_:
+        typer.echo(f"warning: {caught[-1].message}")
+    typer.echo(f"wrote {', '.join(written)} to {out}")

@@ -1,0 +1,285 @@
+"""EM for Gaussian mixtures (notes 001 s1.3-1.4) against scikit-learn, torch.distributions and the EM identities;
+plus the ``elbolab gmm`` sub-app."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+from typer.testing import CliRunner
+
+from elbolab.classical import GaussianMixture
+from elbolab.classical._mixture_common import SingularCovarianceError
+from elbolab.classical.gmm_cli import app
+from elbolab.errors import ElbolabError
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: a second OpenMP thread only adds synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+FITTED = ["weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"]
+
+
+def blobs(n_per=150, dim=3, seed=0, offset=20.0):
+    """Three overlapping anisotropic clusters, shifted away from the origin (exercises the internal centring)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(3, dim))
+    parts = [rng.normal(size=(n_per, dim)) @ rng.normal(scale=0.6, size=(dim, dim)) + c for c in centres]
+    return np.concatenate(parts) + offset
+
+
+def fit_quietly(model, X):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(X)
+
+
+def start_parameters(X, cov_type, K=3, seed=1):
+    """Deliberately poor but valid starting weights, means and precisions, shaped for each covariance type."""
+    rng = np.random.default_rng(seed)
+    D = X.shape[1]
+    weights = rng.dirichlet(np.full(K, 5.0))
+    means = X[rng.choice(len(X), K, replace=False)]
+    a = rng.normal(size=(K, D, D))
+    full = np.linalg.inv(a @ a.transpose(0, 2, 1) / D + np.eye(D))
+    precisions = {"full": full, "tied": full[0], "diag": np.abs(rng.normal(size=(K, D))) + 0.2,
+                  "spherical": np.abs(rng.normal(size=K)) + 0.2}[cov_type]
+    return dict(weights_init=weights, means_init=means, precisions_init=precisions)
+
+
+def full_covariances(model):
+    K, D = model.means_.shape
+    cov = model.covariances_
+    if model.covariance_type == "tied":
+        return np.broadcast_to(cov, (K, D, D))
+    if model.covariance_type == "diag":
+        return np.stack([np.diag(c) for c in cov])
+    if model.covariance_type == "spherical":
+        return cov[:, None, None] * np.eye(D)
+    return cov
+
+
+def torch_mixture(model):
+    """The fitted mixture as torch.distributions objects: (components, log weights)."""
+    cov = torch.as_tensor(full_covariances(model).copy())
+    components = MultivariateNormal(torch.as_tensor(model.means_), scale_tril=torch.linalg.cholesky(cov))
+    return components, torch.log(torch.as_tensor(model.weights_))
+
+
+def assert_close(actual, expected, rtol=1e-6, what=""):
+    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    scale = np.maximum(np.abs(expected), 1e-3 * np.abs(expected).max())
+    worst = np.max(np.abs(actual - expected) / scale)
+    assert worst < rtol, f"{what}: worst relative difference {worst:.2e}"
+
+
+# ------------------------------------------------------------------------------------------ EM properties
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_log_likelihood_never_decreases(cov_type):
+    X = blobs()
+    model = fit_quietly(GaussianMixture(3, covariance_type=cov_type, init_params="random", reg_covar=0.0,
+                                        tol=0.0, max_iter=60, random_state=3), X)
+    history = np.asarray(model.lower_bound_history_)
+    assert len(history) == 60
+    assert np.all(np.diff(history) >= -1e-12 * np.abs(history[:-1])), np.diff(history).min()
+    assert history[-1] > history[0] + 0.1  # it did climb
+    # the history is the log-likelihood of the parameters entering each iteration (scikit-learn's convention)
+    assert model.score(X) >= history[-1] - 1e-12
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_matches_sklearn_from_the_same_initial_parameters(cov_type):
+    X = blobs(seed=1)
+    settings = dict(n_components=3, covariance_type=cov_type, max_iter=25, tol=0.0,
+                    **start_parameters(X, cov_type))
+    ours = fit_quietly(GaussianMixture(**settings), X)
+    ref = fit_quietly(SkGaussianMixture(**settings), X)
+    for name in FITTED:
+        assert_close(getattr(ours, name), getattr(ref, name), what=name)
+    assert_close(ours.lower_bound_history_, ref.lower_bounds_, what="history")
+    assert_close(ours.score_samples(X), ref.score_samples(X), what="score_samples")
+    assert_close(ours.predict_proba(X), ref.predict_proba(X), rtol=1e-5, what="predict_proba")
+    np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+    assert_close([ours.bic(X), ours.aic(X)], [ref.bic(X), ref.aic(X)], what="bic/aic")
+
+
+@pytest.mark.parametrize(("cov_type", "init"), [("full", "kmeans"), ("tied", "random"), ("diag", "k-means++"),
+                                                ("spherical", "random_from_data")])
+def test_matches_sklearn_with_its_own_seeded_initialisation(cov_type, init):
+    """Same random_state -> the same k-means / random draws as scikit-learn, restarts and stopping rule too."""
+    X = blobs(seed=2)
+    settings = dict(n_components=3, covariance_type=cov_type, init_params=init, n_init=2, random_state=5,
+                    tol=1e-4, max_iter=200)
+    ours, ref = GaussianMixture(**settings).fit(X), SkGaussianMixture(**settings).fit(X)
+    assert (ours.n_iter_, ours.converged_) == (ref.n_iter_, ref.converged_)
+    for name in FITTED:
+        assert_close(getattr(ours, name), getattr(ref, name), what=name)
+    assert_close(ours.lower_bound_, ref.lower_bound_, what="lower_bound_")
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_densities_match_torch_mixture_same_family(cov_type):
+    X = blobs(seed=3)
+    model = fit_quietly(GaussianMixture(3, covariance_type=cov_type, max_iter=10, random_state=0), X)
+    components, log_weights = torch_mixture(model)
+    mixture = MixtureSameFamily(Categorical(logits=log_weights), components)
+    points = torch.as_tensor(np.concatenate([X, X[:20] * 1.5]))
+    np.testing.assert_allclose(model.score_samples(points.numpy()), mixture.log_prob(points).numpy(), rtol=1e-10)
+    # responsibilities (eq. 11): Bayes' rule on the same torch components
+    joint = components.log_prob(points[:, None, :]) + log_weights
+    np.testing.assert_allclose(model.predict_proba(points.numpy()), torch.softmax(joint, 1).numpy(), atol=1e-10)
+
+
+def test_complete_data_bound_is_tight_at_the_posterior():
+    """Notes 001 eq. 7: log p(x) = E_q log p(x, z) - E_q log q(z) + KL(q || p(z | x)); zero KL at the posterior."""
+    X = blobs(seed=4)
+    model = GaussianMixture(3, random_state=0).fit(X)
+    log_px = model.score_samples(X)
+    np.testing.assert_allclose(model.complete_data_bound(X), log_px, rtol=1e-12, atol=1e-10)
+    q = np.random.default_rng(0).dirichlet(np.ones(3), size=len(X))
+    components, log_weights = torch_mixture(model)
+    log_posterior = torch.log_softmax(components.log_prob(torch.as_tensor(X)[:, None, :]) + log_weights, 1)
+    kl = (torch.as_tensor(q) * (torch.log(torch.as_tensor(q)) - log_posterior)).sum(1).numpy()
+    gap = log_px - model.complete_data_bound(X, resp=q)
+    np.testing.assert_allclose(gap, kl, rtol=1e-8, atol=1e-10)
+    assert gap.min() > 0
+
+
+def test_float32_agrees_with_float64():
+    X = blobs(seed=5)
+    settings = dict(n_components=3, covariance_type="full", max_iter=30, tol=0.0, **start_parameters(X, "full"))
+    m64 = fit_quietly(GaussianMixture(**settings), X)
+    m32 = fit_quietly(GaussianMixture(dtype="float32", **settings), X)
+    assert m32.means_.dtype == np.float32
+    np.testing.assert_allclose(m32.lower_bound_history_, m64.lower_bound_history_, rtol=1e-5)
+    np.testing.assert_allclose(m32.means_, m64.means_, rtol=1e-4)
+
+
+def test_warm_start_continues_where_it_stopped():
+    X = blobs(seed=6)
+    settings = dict(n_components=3, tol=0.0, **start_parameters(X, "full"))
+    once = fit_quietly(GaussianMixture(max_iter=12, **settings), X)
+    warm = GaussianMixture(max_iter=6, warm_start=True, **settings)
+    fit_quietly(warm, X)
+    fit_quietly(warm, X)
+    for name in FITTED:
+        assert_close(getattr(warm, name), getattr(once, name), rtol=1e-9, what=name)
+
+
+def test_sample_follows_the_fitted_mixture():
+    X = blobs(seed=7, dim=2)
+    model = GaussianMixture(3, random_state=0).fit(X)
+    samples, labels = model.sample(30000)
+    assert samples.shape == (30000, 2) and labels.shape == (30000,)
+    counts = np.bincount(labels, minlength=3) / 30000
+    assert np.all(np.abs(counts - model.weights_) < 5 * np.sqrt(model.weights_ / 30000))
+    for k in range(3):
+        part = samples[labels == k]
+        se = np.sqrt(np.diag(model.covariances_[k]) / len(part))
+        assert np.all(np.abs(part.mean(0) - model.means_[k]) < 5 * se)
+        np.testing.assert_allclose(np.cov(part.T), model.covariances_[k], atol=0.1 * model.covariances_[k].max())
+
+
+def test_sklearn_contract():
+    model = GaussianMixture(2, covariance_type="diag", reg_covar=1e-4)
+    assert clone(model).get_params() == model.get_params()
+    X = blobs(seed=8)
+    assert GaussianMixture(3, random_state=0).fit(X) is not None
+    np.testing.assert_array_equal(GaussianMixture(3, random_state=0).fit_predict(X),
+                                  GaussianMixture(3, random_state=0).fit(X).predict(X))
+
+
+# -------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("X", "match"), [
+    (np.ones(10), "2 dimensions"),
+    (np.ones((4, 2, 2)), "2 dimensions"),
+    (np.array([[1.0, np.nan]] * 5), "NaN"),
+    (np.array([[1.0, np.inf]] * 5), "row 0, column 1"),
+    (np.array([["a", "b"]] * 5), "real numbers"),
+    (np.ones((2, 3)), "fewer components"),
+])
+def test_bad_data_is_one_clear_error(X, match):
+    with pytest.raises(ElbolabError, match=match):
+        GaussianMixture(3).fit(X)
+
+
+def test_singular_covariance_says_what_to_try():
+    X = blobs(seed=9)
+    X[:, 1] = 2.0  # a constant column: every covariance is singular without regularisation
+    with pytest.raises(SingularCovarianceError, match="raise reg_covar.*fewer components.*scale the data"):
+        GaussianMixture(3, reg_covar=0.0, random_state=0).fit(X)
+    GaussianMixture(3, reg_covar=1e-6, random_state=0).fit(X)  # the advertised fix works
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(covariance_type="banana"), "covariance_type"),
+    (dict(n_components=0), "n_components"),
+    (dict(init_params="kmeans+"), "init_params"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(weights_init=[0.5, 0.6, 0.1]), "summing to 1"),
+    (dict(means_init=np.zeros((2, 3))), "means_init of shape"),
+    (dict(covariance_type="full", precisions_init=-np.stack([np.eye(3)] * 3)), "positive definite"),
+])
+def test_bad_settings_are_one_clear_error(settings, match):
+    with pytest.raises(ElbolabError, match=match):
+        GaussianMixture(**{"n_components": 3, **settings}).fit(blobs())
+
+
+def test_predict_before_fit_and_wrong_width():
+    with pytest.raises(ElbolabError, match="not fitted"):
+        GaussianMixture(2).predict(np.ones((3, 2)))
+    model = GaussianMixture(3, random_state=0).fit(blobs())
+    with pytest.raises(ElbolabError, match="X has 2 features, but GaussianMixture is expecting 3"):
+        model.score_samples(np.ones((3, 2)))
+
+
+def test_convergence_warning_says_what_to_try():
+    with pytest.warns(ConvergenceWarning, match="larger max_iter.*n_init"):
+        GaussianMixture(3, max_iter=2, tol=1e-12, random_state=0).fit(blobs())
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("method", ["em", "vb"])
+def test_cli_fit_writes_parameters_labels_and_plots(tmp_path, method):
+    X = blobs(n_per=60, dim=2, seed=10)
+    path = tmp_path / "points.csv"
+    np.savetxt(path, X, delimiter=",", header="x,y", comments="")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["fit", str(path), "-k", "3", "--method", method, "--covariance", "diag",
+                                      "--out", str(out), "--seed", "1", "--max-iter", "200"])
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "params.json").read_text())
+    model_cls = GaussianMixture if method == "em" else __import__(
+        "elbolab.classical", fromlist=["BayesianGaussianMixture"]).BayesianGaussianMixture
+    model = model_cls(n_components=3, covariance_type="diag", random_state=1, max_iter=200).fit(X)
+    np.testing.assert_allclose(params["means"], model.means_, rtol=1e-9)
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), model.predict(X))
+    curve = np.loadtxt(out / "curve.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(curve[:, 1], model.lower_bound_history_, rtol=1e-8)
+    for name in ("curve.png", "contours.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "converged" in result.output
+
+
+def test_cli_bad_input_fails_with_a_clear_message(tmp_path):
+    text = tmp_path / "words.csv"
+    text.write_text("1.0,2.0\n3.0,oops\n")
+    result = CliRunner().invoke(app, ["fit", str(text), "-k", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ElbolabError) and "'oops' in data row 2" in str(result.exception)
+    np.save(tmp_path / "cube.npy", np.zeros((3, 3, 3)))
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "cube.npy"), "-k", "2"])
+    assert result.exit_code != 0 and "2-D array" in str(result.exception)
+    result = CliRunner().invoke(app, ["fit", str(text), "-k", "2", "--method", "gibbs"])
+    assert result.exit_code != 0 and "--method" in str(result.exception)
