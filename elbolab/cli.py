@@ -169,10 +169,7 @@ def _register_classical() -> None:
     app.add_typer(functional_app, name="functional", help="Calculus of variations demos.")
 
 
-try:  # TEMPORARY while the classical modules are written
-    _register_classical()
-except ImportError:
-    pass
+_register_classical()
 
 
 def main(argv: list[str] | None = None) -> int:
