@@ -1,0 +1,263 @@
+"""Training throughput of the 784-400-20 ReLU Bernoulli VAE on MNIST: elbolab vs raw PyTorch, pythae and Pyro.
+
+Every contender trains the same networks (one hidden layer of 400 in encoder and decoder, latent 20, Bernoulli
+decoder on grey-level MNIST, batch 128, Adam lr 1e-3) for the same number of epochs in the same process with the
+same torch thread count. Rounds are interleaved (the order rotates each round) because the machine is shared;
+the table reports the median over rounds of the steady-state images/s (the first --warmup-epochs are excluded).
+
+What each timed epoch includes:
+  elbolab  Trainer.fit (the loop pipeline.train runs), progress bar and TensorBoard off, no validation split:
+           shuffling, batching, forward/backward/Adam, per-step finiteness check and metric sums, the per-epoch
+           metrics.jsonl record, checkpoint.safetensors and model.safetensors.
+  raw      a hand-written loop: randperm, tensor indexing, BCE-with-logits summed over pixels + analytic KL,
+           mean over the batch, Adam, loss.item() per step. No logging, no checkpoint.
+  pythae   BaseTrainer.train (what TrainingPipeline runs) with a DataLoader over its BaseDataset, no eval set,
+           its per-epoch best-model deepcopy and a checkpoint every epoch (steps_saving=1, like elbolab);
+           its tqdm bar is disabled (TQDM_DISABLE=1) as elbolab's is.
+  pyro     SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step per batch (Monte-Carlo KL, as Trace_ELBO does),
+           plate + scale 1/B so the loss is a batch mean; Pyro's validation is off (grey-level targets).
+
+Run:  ELBOLAB_DATA=/work/shared/data /work/bench-venv/bin/python benchmarks/bench_vae_train.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pythae always adds a tqdm bar; elbolab's is switched off by config
+
+import _common as common  # noqa: E402
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784
+
+
+# ----- contenders: each returns (per-epoch wall-clock seconds, mean loss of the last epoch) -----
+def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    from elbolab.models import get_model_class
+    from elbolab.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(seed)
+    cls = get_model_class("vae")
+    model = cls(cls.config_class(input_dim=INPUT_DIM, image_shape=(28, 28), latent_dim=LATENT, hidden=HIDDEN,
+                                 activation="relu", likelihood="bernoulli"))
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
+                         tensorboard=False)
+    run_dir = Path(tempfile.mkdtemp(prefix="elbolab-", dir=scratch))
+    trainer = Trainer(model, config, run_dir / "run", model_name="vae", data_info={"source": "mnist"})
+    starts: list[float] = []
+    train_epoch = trainer._train_epoch
+
+    def timed_epoch(data):  # epoch boundaries: each epoch runs from one _train_epoch call to the next
+        starts.append(common.now())
+        return train_epoch(data)
+
+    trainer._train_epoch = timed_epoch
+    history = trainer.fit(train_data, None)
+    starts.append(common.now())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return common.spans(starts[:-1], starts[1:]), history[-1]["loss"]
+
+
+def run_raw(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    torch.manual_seed(seed)
+    nets = common.MLPVAENets(INPUT_DIM, HIDDEN, LATENT, "relu")
+    optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr)
+    durations, last = [], float("nan")
+    for _ in range(args.epochs):
+        start, total, steps = common.now(), 0.0, 0
+        for index in torch.randperm(x.shape[0]).split(args.batch_size):
+            xb = x[index]  # [B, D]
+            h = nets.body(xb)
+            mu, log_var = nets.loc(h), nets.log_var(h)  # [B, d]
+            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+            recon = F.binary_cross_entropy_with_logits(nets.decoder(z), xb, reduction="none").sum(-1)  # [B]
+            kl = 0.5 * (mu.pow(2) + log_var.exp() - log_var - 1).sum(-1)  # [B]
+            loss = (recon + kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+        durations.append(common.span(start, common.now()))
+        last = total / steps
+    return durations, last
+
+
+def run_pythae(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    from pythae.data.datasets import BaseDataset
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+    from pythae.trainers.training_callbacks import TrainingCallback
+
+    common.quiet_pythae_logging()
+    torch.manual_seed(seed)
+    model = common.build_pythae_vae(INPUT_DIM, HIDDEN, LATENT, "relu")
+    out_dir = Path(tempfile.mkdtemp(prefix="pythae-", dir=scratch))
+    config = BaseTrainerConfig(output_dir=str(out_dir), per_device_train_batch_size=args.batch_size,
+                               num_epochs=args.epochs, learning_rate=args.lr, steps_saving=args.pythae_steps_saving,
+                               seed=seed, no_cuda=True)
+    starts, ends, losses = [], [], []
+
+    class EpochClock(TrainingCallback):
+        def on_epoch_begin(self, training_config, **kwargs):
+            starts.append(common.now())
+
+        def on_log(self, training_config, logs, **kwargs):  # the last event of an epoch, after its checkpoint
+            ends.append(common.now())
+            losses.append(logs["train_epoch_loss"])
+
+    dataset = BaseDataset(x, torch.zeros(x.shape[0]))
+    trainer = BaseTrainer(model, dataset, None, training_config=config, callbacks=[EpochClock()])
+    common.quiet_pythae_logging()
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return common.spans(starts, ends), losses[-1]
+
+
+def run_pyro(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    import pyro
+    import pyro.distributions as dist
+    from pyro import poutine
+    from pyro.infer import SVI, Trace_ELBO
+
+    pyro.enable_validation(False)
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    nets = common.MLPVAENets(INPUT_DIM, HIDDEN, LATENT, "relu")
+
+    def model(xb):
+        pyro.module("decoder", nets.decoder)
+        zeros = xb.new_zeros(xb.shape[0], LATENT)
+        with pyro.plate("data", xb.shape[0]), poutine.scale(scale=1.0 / xb.shape[0]):
+            z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=nets.decoder(z)).to_event(1), obs=xb)
+
+    def guide(xb):
+        pyro.module("encoder_body", nets.body)
+        pyro.module("encoder_loc", nets.loc)
+        pyro.module("encoder_log_var", nets.log_var)
+        with pyro.plate("data", xb.shape[0]), poutine.scale(scale=1.0 / xb.shape[0]):
+            h = nets.body(xb)
+            pyro.sample("z", dist.Normal(nets.loc(h), torch.exp(0.5 * nets.log_var(h))).to_event(1))
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), loss=Trace_ELBO())
+    durations, last = [], float("nan")
+    for _ in range(args.epochs):
+        start, total, steps = common.now(), 0.0, 0
+        for index in torch.randperm(x.shape[0]).split(args.batch_size):
+            total += svi.step(x[index])
+            steps += 1
+        durations.append(common.span(start, common.now()))
+        last = total / steps
+    return durations, last
+
+
+CONTENDERS = {"elbolab": (run_elbolab, None), "raw": (run_raw, None), "pythae": (run_pythae, "pythae"),
+              "pyro": (run_pyro, "pyro")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=common.data_dir_default(), help="folder with mnist/ (default $ELBOLAB_DATA)")
+    p.add_argument("--train-size", type=int, default=0, help="training images (0 = the whole 50k train split)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per contender and round")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="first epochs left out of the timing")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows the median")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
+    p.add_argument("--pythae-steps-saving", type=int, default=1, help="pythae checkpoint every N epochs (0 = never)")
+    p.add_argument("--only", default="elbolab,raw,pythae,pyro", help="comma-separated contenders")
+    p.add_argument("--scratch", default=None, help="folder for temporary run folders (default: system temp)")
+    p.add_argument("--wait-load", type=float, default=0.0,
+                   help="first wait until the 1-minute load average is below this (0 = do not wait)")
+    p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-load, seconds")
+    p.add_argument("--out", default=None, help="also append the markdown to this file")
+    args = p.parse_args(argv)
+    if args.epochs <= args.warmup_epochs:
+        p.error("--epochs must exceed --warmup-epochs")
+    args.pythae_steps_saving = args.pythae_steps_saving or None
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    from elbolab.data import load_data
+
+    splits = load_data("mnist", data_dir=args.data_dir, binarize="none", val_size=10000)
+    train = splits.train
+    if args.train_size:
+        train = type(train)(x=train.x[: args.train_size].contiguous(), y=train.y[: args.train_size],
+                            image_shape=train.image_shape, binarize="none", name="mnist/train-subset")
+    x = train.x  # [N, 784] grey levels in [0, 1]
+    n = x.shape[0]
+
+    names = [s.strip() for s in args.only.split(",") if s.strip()]
+    missing = {}
+    active = []
+    for name in names:
+        fn, module = CONTENDERS[name]
+        if module is not None:
+            _, reason = common.optional_module(module)
+            if reason:
+                missing[name] = reason
+                continue
+        active.append(name)
+
+    scratch = Path(args.scratch or tempfile.gettempdir())
+    scratch.mkdir(parents=True, exist_ok=True)
+    waited = common.wait_until_idle(args.wait_load, args.wait_max)
+    info = common.machine_info()
+    rates: dict[str, list[float]] = {name: [] for name in active}  # images per wall second
+    cpu_rates: dict[str, list[float]] = {name: [] for name in active}  # images per process-CPU second
+    losses: dict[str, list[float]] = {name: [] for name in active}
+    for r in range(args.rounds):
+        order = active[r % len(active):] + active[: r % len(active)]  # rotate: no contender always goes first
+        for name in order:
+            durations, loss = CONTENDERS[name][0](x, train, args, seed=r, scratch=scratch)
+            timed = durations[args.warmup_epochs:]
+            rates[name].append(n * len(timed) / sum(wall for wall, _ in timed))
+            cpu_rates[name].append(n * len(timed) / sum(cpu for _, cpu in timed))
+            losses[name].append(loss)
+            print(f"round {r + 1}/{args.rounds} {name:8s} {rates[name][-1]:9.0f} images/s "
+                  f"({cpu_rates[name][-1]:.0f} per CPU-s)  epochs (wall s) {[round(w, 2) for w, _ in durations]}  "
+                  f"last-epoch loss {loss:.2f}  load {os.getloadavg()[0]:.2f}", flush=True)
+
+    med = {name: common.median(v) for name, v in rates.items()}
+    cpu_med = {name: common.median(v) for name, v in cpu_rates.items()}
+    versions = {k: common.package_version(k) for k in ("pythae", "pyro-ppl")}
+    load1, load5, _ = os.getloadavg()
+    lines = common.header_lines(
+        "Training throughput: 784-400-20 ReLU Bernoulli VAE, MNIST", info,
+        {"setup": f"{n} training images (grey levels), batch {args.batch_size}, Adam lr {args.lr}, "
+                  f"{args.epochs} epochs per run of which the first {args.warmup_epochs} are warm-up, "
+                  f"{args.rounds} interleaved rounds (order rotated), median shown",
+         "competitors": f"pythae {versions['pythae'] or 'not installed'}, "
+                        f"pyro-ppl {versions['pyro-ppl'] or 'not installed'}",
+         "idle wait": waited, "load at end": f"{load1:.2f} / {load5:.2f}"})
+    rows = []
+    for name in active:
+        rows.append([name, common.fmt(med[name]), f"{common.fmt(min(rates[name]))}-{common.fmt(max(rates[name]))}",
+                     common.fmt(1e3 * args.batch_size / med[name], 2), common.fmt(cpu_med[name]),
+                     f"{common.median(losses[name]):.2f}", common.ratio(med.get("elbolab"), med[name]),
+                     common.ratio(cpu_med.get("elbolab"), cpu_med[name])])
+    for name, reason in missing.items():
+        rows.append([name, "not run", "", "", "", "", f"not importable ({reason})", ""])
+    lines += common.markdown_table(
+        ["contender", "images/s (median)", "range over rounds", "ms / step", "images / CPU-s", "last-epoch loss",
+         "elbolab / this (wall)", "elbolab / this (CPU)"], rows)
+    lines += ["", "Per-epoch time includes everything the library does in an epoch (see the script docstring); "
+              "last-epoch loss = mean negative ELBO per image (Pyro's uses a Monte-Carlo KL). "
+              "images / CPU-s uses this process's CPU time, less disturbed by other jobs on a shared machine "
+              "(with several threads it also counts OpenMP spin-waiting)."]
+    common.write_output(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
