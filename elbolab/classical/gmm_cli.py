@@ -13,6 +13,7 @@ import typer
 from sklearn.exceptions import ConvergenceWarning
 
 from elbolab.classical._mixture_common import COVARIANCE_TYPES
+from elbolab.data.arrays import _is_number  # one CSV cell rule for every reader
 from elbolab.errors import DataError, ElbolabError
 
 app = typer.Typer(help="Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI).",
@@ -23,14 +24,6 @@ METHODS = ("em", "vb")
 @app.callback()
 def _group() -> None:
     """Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI)."""
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 def load_matrix(path: Path) -> np.ndarray:
