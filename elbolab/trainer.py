@@ -82,9 +82,13 @@ class Trainer:
                 f"expected a batch size divisible by the {self.world} processes, got {config.batch_size}"
             )
         groups = model.parameter_groups()
-        self.optimizer = torch.optim.Adam(
-            [{"params": params, "name": name} for name, params in groups.items()], lr=config.lr, eps=config.adam_eps
-        )
+        param_groups = [{"params": params, "name": name} for name, params in groups.items()]
+        try:
+            # fused Adam: one kernel for all parameters instead of a per-parameter loop (about 4x less optimiser
+            # time on CPU, measured in benchmarks/bench_vae_train.py); needs torch >= 2.4 on CPU
+            self.optimizer = torch.optim.Adam(param_groups, lr=config.lr, eps=config.adam_eps, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.Adam(param_groups, lr=config.lr, eps=config.adam_eps)
         self.module = model
         if self.world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(model)
