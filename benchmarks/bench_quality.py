@@ -145,6 +145,21 @@ def elbolab_eval_subset_worker(args) -> None:
     (Path(args.workdir) / "elbolab-eval-subset.json").write_text(json.dumps(result, indent=2))
 
 
+def elbolab_per_example_worker(args) -> None:
+    """Per-image log p(x) of the elbolab run, drawn exactly as `elbolab eval --seed S` draws them (the CLI keeps
+    only the summary): lets the report pair the two libraries image by image."""
+    from elbolab import runs
+    from elbolab.evaluate import importance_sampled_log_px
+
+    common.set_threads(args.threads_each)
+    model, _ = runs.load_run(Path(args.workdir) / "elbolab-run")
+    x = test_images(args, args.n_test)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        estimate = importance_sampled_log_px(model, x, k=args.k)
+    np.save(Path(args.workdir) / "elbolab-test-log-px.npy", estimate.per_example.numpy(), allow_pickle=False)
+
+
 # ----- orchestration -----
 def launch(command: list[str], log: Path, threads: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -240,12 +255,14 @@ def phase_report(args, timings: dict) -> list[str]:
         result = json.loads(result_file.read_text()) if result_file.exists() else None
         best = min(records, key=lambda r: r.get("eval_epoch_loss", float("inf")))
         minutes = timings.get("pythae_train_seconds", float("nan")) / 60
-        rows.append([f"pythae {common.package_version('pythae')} (BaseTrainer, best-on-val epoch {best['epoch']})",
+        version = common.package_version("pythae") or ""
+        rows.append([f"pythae {version} (BaseTrainer, best-on-val epoch {best['epoch']})",
                      str(len(records)), f"{minutes:.1f}", f"{60 * minutes / max(1, len(records)):.1f}",
                      f"{records[-1]['train_epoch_loss']:.2f} / {records[-1].get('eval_epoch_loss', float('nan')):.2f}",
                      f"{-result['mean']:.2f} ± {result['stderr']:.2f}" if result else "not evaluated",
                      str(result["n_examples"]) if result else "",
                      f"{timings.get('pythae_eval_seconds', float('nan')) / 60:.1f}"])
+    paired = paired_difference(work, args)
     mode = "sequentially" if args.sequential else "at the same time"
     lines = common.header_lines(
         "Quality: IWAE-paper VAE (784-200-200-50 tanh, dynamic binarisation), test NLL with K="
@@ -259,7 +276,28 @@ def phase_report(args, timings: dict) -> list[str]:
          f"test NLL (K={args.k}) ± s.e.", "test images", "eval wall min"], rows)
     lines += ["", "NLL = -mean log p(x) in nats (lower is better); s.e. over test images. Train wall time includes "
               "data loading and, for elbolab, its figures and report; the paper trained 3280 epochs."]
+    if paired:
+        lines += ["", paired]
     return lines
+
+
+def paired_difference(work: Path, args) -> str | None:
+    """Image-by-image NLL difference when both per-image arrays exist (``--phase paired`` for elbolab's)."""
+    mine, theirs = work / "elbolab-test-log-px.npy", work / "pythae" / "test_log_px.npy"
+    if not (mine.exists() and theirs.exists()):
+        return None
+    a, b = np.load(mine), np.load(theirs)
+    if a.shape != b.shape:
+        return None
+    cli = work / "elbolab-run" / "eval.json"
+    check = ""
+    if cli.exists() and not args.n_test:
+        cli_mean = json.loads(cli.read_text())["log_px"]["mean"]
+        check = f" (the recomputed elbolab mean {a.mean():.4f} vs the CLI's {cli_mean:.4f})"
+    d = b - a  # NLL(elbolab) - NLL(pythae) = log p_pythae - log p_elbolab
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    return (f"Paired over the same {len(d)} test images{check}: NLL elbolab - NLL pythae = {d.mean():+.3f} ± "
+            f"{se:.3f} nats (s.e. of the mean per-image difference).")
 
 
 def parse_args(argv=None):
@@ -272,10 +310,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads-each", type=int, default=1, help="torch threads per training/evaluation process")
     p.add_argument("--sequential", action="store_true", help="run the libraries one after the other")
-    p.add_argument("--phase", default="all", choices=("all", "train", "eval", "report"))
+    p.add_argument("--phase", default="all", choices=("all", "train", "eval", "paired", "report"),
+                   help="all = train, eval, report; paired (optional, one more elbolab evaluation) stores elbolab's "
+                        "per-image estimates so that the report adds an image-by-image difference")
     p.add_argument("--only", default="elbolab,pythae")
     p.add_argument("--out", default=None, help="also append the markdown to this file")
-    p.add_argument("--worker", choices=("pythae-train", "pythae-eval", "elbolab-eval-subset"),
+    p.add_argument("--worker", choices=("pythae-train", "pythae-eval", "elbolab-eval-subset", "elbolab-per-example"),
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -284,7 +324,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         {"pythae-train": pythae_train_worker, "pythae-eval": pythae_eval_worker,
-         "elbolab-eval-subset": elbolab_eval_subset_worker}[args.worker](args)
+         "elbolab-eval-subset": elbolab_eval_subset_worker,
+         "elbolab-per-example": elbolab_per_example_worker}[args.worker](args)
         return
     common.set_threads(args.threads_each)  # the header reports the per-process thread count
     work = Path(args.workdir)
@@ -302,6 +343,9 @@ def main(argv=None):
     if args.phase in ("all", "eval"):
         phase_eval(args, timings, only)
         timings_path.write_text(json.dumps(timings, indent=2))
+    if args.phase == "paired":
+        run_jobs({"elbolab": (worker_command(args, "elbolab-per-example"), work / "elbolab-per-example.log")},
+                 args, timings, "per_example")
     common.write_output(phase_report(args, timings), args.out)
 
 

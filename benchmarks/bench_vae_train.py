@@ -14,6 +14,8 @@ What each timed epoch includes:
   pythae   BaseTrainer.train (what TrainingPipeline runs) with a DataLoader over its BaseDataset, no eval set,
            its per-epoch best-model deepcopy and a checkpoint every epoch (steps_saving=1, like elbolab);
            its tqdm bar is disabled (TQDM_DISABLE=1) as elbolab's is.
+  elbolab+fused (optional, --only) the same Trainer with its optimiser replaced by torch.optim.Adam(fused=True):
+           measures the fix suggested for the training loop before it is made.
   pyro     SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step per batch (Monte-Carlo KL, as Trace_ELBO does),
            plate + scale 1/B so the loss is a batch mean; Pyro's validation is off (grey-level targets).
 
@@ -38,7 +40,12 @@ HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784
 
 
 # ----- contenders: each returns (per-epoch wall-clock seconds, mean loss of the last epoch) -----
-def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+def run_elbolab_fused(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    """What-if row: elbolab's Trainer with its optimiser swapped for torch's fused Adam (the suggested fix)."""
+    return run_elbolab(x, train_data, args, seed, scratch, fused_adam=True)
+
+
+def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, fused_adam: bool = False):
     from elbolab.models import get_model_class
     from elbolab.trainer import TrainConfig, Trainer
 
@@ -50,6 +57,9 @@ def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
                          tensorboard=False)
     run_dir = Path(tempfile.mkdtemp(prefix="elbolab-", dir=scratch))
     trainer = Trainer(model, config, run_dir / "run", model_name="vae", data_info={"source": "mnist"})
+    if fused_adam and not any(g.get("fused") for g in trainer.optimizer.param_groups):
+        groups = [{"params": g["params"], "name": g.get("name")} for g in trainer.optimizer.param_groups]
+        trainer.optimizer = torch.optim.Adam(groups, lr=args.lr, eps=config.adam_eps, fused=True)
     starts: list[float] = []
     train_epoch = trainer._train_epoch
 
@@ -157,7 +167,15 @@ def run_pyro(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
     return durations, last
 
 
-CONTENDERS = {"elbolab": (run_elbolab, None), "raw": (run_raw, None), "pythae": (run_pythae, "pythae"),
+def paired_ratio(mine: list[float] | None, theirs: list[float]) -> str:
+    """Median over rounds of elbolab's rate / the contender's rate in the same round."""
+    if not mine or not theirs:
+        return "n/a"
+    return f"{common.median([a / b for a, b in zip(mine, theirs)]):.2f}x"
+
+
+CONTENDERS = {"elbolab": (run_elbolab, None), "elbolab+fused": (run_elbolab_fused, None), "raw": (run_raw, None),
+              "pythae": (run_pythae, "pythae"),
               "pyro": (run_pyro, "pyro")}
 
 
@@ -172,7 +190,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     p.add_argument("--pythae-steps-saving", type=int, default=1, help="pythae checkpoint every N epochs (0 = never)")
-    p.add_argument("--only", default="elbolab,raw,pythae,pyro", help="comma-separated contenders")
+    p.add_argument("--only", default="elbolab,raw,pythae,pyro",
+                   help="comma-separated contenders; 'elbolab+fused' adds a what-if row: elbolab's Trainer with "
+                        "torch's fused Adam swapped in (a no-op once elbolab uses it)")
     p.add_argument("--scratch", default=None, help="folder for temporary run folders (default: system temp)")
     p.add_argument("--wait-load", type=float, default=0.0,
                    help="first wait until the 1-minute load average is below this (0 = do not wait)")
@@ -246,16 +266,18 @@ def main(argv=None):
         rows.append([name, common.fmt(med[name]), f"{common.fmt(min(rates[name]))}-{common.fmt(max(rates[name]))}",
                      common.fmt(1e3 * args.batch_size / med[name], 2), common.fmt(cpu_med[name]),
                      f"{common.median(losses[name]):.2f}", common.ratio(med.get("elbolab"), med[name]),
+                     paired_ratio(rates.get("elbolab"), rates[name]),
                      common.ratio(cpu_med.get("elbolab"), cpu_med[name])])
     for name, reason in missing.items():
-        rows.append([name, "not run", "", "", "", "", f"not importable ({reason})", ""])
+        rows.append([name, "not run", "", "", "", "", f"not importable ({reason})", "", ""])
     lines += common.markdown_table(
         ["contender", "images/s (median)", "range over rounds", "ms / step", "images / CPU-s", "last-epoch loss",
-         "elbolab / this (wall)", "elbolab / this (CPU)"], rows)
+         "elbolab / this (medians)", "elbolab / this (paired)", "elbolab / this (CPU)"], rows)
     lines += ["", "Per-epoch time includes everything the library does in an epoch (see the script docstring); "
               "last-epoch loss = mean negative ELBO per image (Pyro's uses a Monte-Carlo KL). "
-              "images / CPU-s uses this process's CPU time, less disturbed by other jobs on a shared machine "
-              "(with several threads it also counts OpenMP spin-waiting)."]
+              "'paired' is the median over rounds of the ratio within a round (contenders run minutes apart, so this "
+              "cancels slow load drifts). images / CPU-s uses this process's CPU time, less disturbed by other "
+              "jobs on a shared machine (with several threads it also counts OpenMP spin-waiting)."]
     common.write_output(lines, args.out)
 
 
