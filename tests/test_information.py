@@ -43,7 +43,7 @@ def test_matches_scipy(base, zeros):
 def test_gibbs_inequality(k, seed):
     p, q = random_distributions(seed, (k,)), random_distributions(seed + 1, (k,))
     assert cross_entropy(p, q) >= entropy(p) - 1e-12
-    assert kl_divergence(p, q) >= 0.0
+    assert kl_divergence(p, q) >= -1e-12  # Gibbs: KL >= 0, up to rounding
     assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
     assert entropy(p) <= math.log(k) + 1e-12  # the uniform distribution has the largest entropy
 
@@ -59,7 +59,11 @@ def test_zero_probabilities():
 def test_binary_entropy_maximum_at_one_half():
     grid = np.linspace(0, 1, 10001)
     values = binary_entropy(grid)
-    assert grid[np.argmax(values)] == pytest.approx(0.5)
+    # where the maximum lies, not an argmax among neighbours that differ by ~2e-8: every grid point within 1e-4
+    # of the largest value is within 0.01 of 0.5, and the value at 0.5 is the largest up to rounding
+    near_top = grid[values > values.max() - 1e-4]
+    assert near_top.min() > 0.49 and near_top.max() < 0.51
+    assert binary_entropy(0.5) >= values.max() - 1e-15
     assert values.max() == pytest.approx(math.log(2))
     assert binary_entropy(0.5, base=2) == pytest.approx(1.0)
     assert binary_entropy(0.0) == 0.0 and binary_entropy(1.0) == 0.0

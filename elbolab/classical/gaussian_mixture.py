@@ -164,15 +164,33 @@ class GaussianMixture(MixtureBase):
     def complete_data_bound(self, X, resp=None) -> np.ndarray:
         """Per-row bound ``E_q log p(x, z) - E_q log q(z)`` of notes 001 eq. 7 [N].
 
-        ``resp`` [N, K] is q(z); by default the exact posterior (``predict_proba``), where the bound equals
+        ``resp`` [N, K] is q(z), one distribution over the K components per row (non-negative, each row
+        summing to 1); by default the exact posterior (``predict_proba``), where the bound equals
         ``score_samples`` because the KL term of eq. 7 vanishes. Otherwise the gap is ``KL(q || p(z | x))``.
         """
         log_joint = self._weighted_log_prob(self._data(X))  # log w_k + log N(x | a_k)
-        q = torch.softmax(log_joint, 1) if resp is None else torch.as_tensor(
-            np.asarray(resp), dtype=log_joint.dtype, device=log_joint.device)
-        if q.shape != log_joint.shape or not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-            raise ElbolabError(f"expected resp as non-negative numbers of shape {tuple(log_joint.shape)}, "
-                               f"got shape {tuple(q.shape)}")
+        if resp is None:
+            q = torch.softmax(log_joint, 1)
+        else:
+            try:
+                given = np.asarray(resp)
+                q64 = torch.as_tensor(given.astype(np.float64), device=log_joint.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise ElbolabError(f"expected resp as a numeric array of shape {tuple(log_joint.shape)}, could "
+                                   f"not read a {type(resp).__name__} as numbers; pass model.predict_proba(X) "
+                                   "or another [N, K] float array") from None
+            if q64.shape != log_joint.shape or not bool(torch.isfinite(q64).all()) or bool((q64 < 0).any()):
+                raise ElbolabError(f"expected resp as finite non-negative numbers of shape "
+                                   f"{tuple(log_joint.shape)}, got shape {tuple(q64.shape)}")
+            # A q(z) whose rows do not sum to 1 is not a distribution, and the result would not be a bound.
+            single = given.dtype.itemsize < 8 or log_joint.dtype == torch.float32
+            sums = q64.sum(1)
+            if bool(((sums - 1.0).abs() > (1e-6 if single else 1e-8)).any()):
+                row = int((sums - 1.0).abs().argmax())
+                raise ElbolabError(f"expected each row of resp to sum to 1 (q(z) over the {q64.shape[1]} "
+                                   f"components), got row {row} summing to {float(sums[row]):.8g}; normalise "
+                                   "it with resp / resp.sum(axis=1, keepdims=True)")
+            q = q64.to(log_joint.dtype)
         return ((q * log_joint).sum(1) - torch.special.xlogy(q, q).sum(1)).cpu().numpy()
 
     def _n_parameters(self) -> int:

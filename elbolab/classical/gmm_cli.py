@@ -1,5 +1,8 @@
 """``elbolab gmm fit``: fit a Gaussian mixture (EM or variational Bayes) to a .csv / .npy file and write the
-parameters (JSON), the labels, the bound per iteration and, for 2-D data, a contour plot."""
+parameters (JSON), the labels, the bound per iteration and, for 2-D data, a contour plot.
+
+Both methods report their bound in nats per sample: EM the mean log-likelihood, VB the complete ELBO divided by
+the number of samples, so the two curves can be compared on one scale."""
 
 from __future__ import annotations
 
@@ -105,6 +108,21 @@ def _tolist(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
+def bound_per_sample(model, method: str, n_samples: int) -> tuple[str, float, np.ndarray]:
+    """``(name, final value, history)`` of the bound the command reports, in nats per sample for both methods.
+
+    EM's ``lower_bound_`` is already the mean log-likelihood per sample; VB's is the complete ELBO of the whole
+    data set, divided here by the number of samples so that the two methods' numbers and curves share one scale
+    (the VB value then sits a little below the EM one: the ELBO bounds the log evidence, not the maximised
+    likelihood).
+    """
+    history = np.asarray(model.lower_bound_history_, dtype=np.float64)
+    final = float(model.lower_bound_)
+    if method == "em":
+        return "mean log-likelihood per sample (nats)", final, history
+    return "ELBO per sample (nats)", final / n_samples, history / n_samples
+
+
 @app.command("fit")
 def fit_command(
     data: Path = typer.Argument(..., help=".csv (optional header row) or .npy file, one row per sample"),
@@ -114,7 +132,8 @@ def fit_command(
     out: Path = typer.Option(Path("gmm-out"), "--out", help="output folder (created; our files in it overwritten)"),
     seed: int = typer.Option(0, "--seed", help="random seed of the k-means initialisation"),
     max_iter: int = typer.Option(100, "--max-iter"),
-    tol: float = typer.Option(1e-3, "--tol", help="stop when the bound changes by less than this"),
+    tol: float = typer.Option(1e-3, "--tol", help="stop when the fitted bound changes by less than this "
+                              "(EM: per sample; VB: the whole-data ELBO, as the estimators define tol)"),
     n_init: int = typer.Option(1, "--n-init", help="restarts; the best bound is kept"),
 ):
     """Fit a Gaussian mixture and write params.json, labels.npy, curve.csv/.png and (2-D data) contours.png."""
@@ -133,11 +152,11 @@ def fit_command(
         model.fit(X)
     labels = model.predict(X)
     out.mkdir(parents=True, exist_ok=True)
-    bound_name = "mean log-likelihood per sample" if method == "em" else "ELBO (nats, whole data set)"
+    bound_name, bound, history = bound_per_sample(model, method, X.shape[0])
     params = {"method": method, "covariance_type": covariance, "n_components": n_components,
               "n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "seed": seed,
               "converged": bool(model.converged_), "n_iter": int(model.n_iter_), "bound_name": bound_name,
-              "lower_bound": float(model.lower_bound_), "weights": _tolist(model.weights_),
+              "lower_bound": bound, "weights": _tolist(model.weights_),
               "means": _tolist(model.means_), "covariances": _tolist(model.covariances_)}
     if method == "em":
         params.update(bic=float(model.bic(X)), aic=float(model.aic(X)))
@@ -147,9 +166,8 @@ def fit_command(
                       degrees_of_freedom=_tolist(model.degrees_of_freedom_))
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     np.save(out / "labels.npy", labels.astype(np.int64), allow_pickle=False)
-    history = np.asarray(model.lower_bound_history_, dtype=np.float64)
     np.savetxt(out / "curve.csv", np.column_stack([np.arange(1, len(history) + 1), history]), delimiter=",",
-               header="iteration,bound", comments="", fmt=["%d", "%.10g"])
+               header="iteration,bound_per_sample", comments="", fmt=["%d", "%.10g"])
     written = ["params.json", "labels.npy", "curve.csv", "curve.png"]
     _plot_curve(history, bound_name, out / "curve.png")
     if X.shape[1] == 2:
@@ -159,7 +177,7 @@ def fit_command(
         f"NOT converged after {model.n_iter_} iterations (try a larger --max-iter or --tol)")
     typer.echo(f"{method.upper()} Gaussian mixture, K = {n_components}, {covariance} covariance, "
                f"{X.shape[0]} x {X.shape[1]} data: {status}")
-    typer.echo(f"{bound_name}: {model.lower_bound_:.6g}")
+    typer.echo(f"{bound_name}: {bound:.6g}")
     typer.echo("weights: " + " ".join(f"{w:.3f}" for w in np.asarray(model.weights_)))
     if caught and not model.converged_:
         typer.echo(f"warning: {caught[-1].message}")
