@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # headless: no display on servers / CI
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from elbolab.errors import ElbolabError
 
@@ -57,26 +58,43 @@ def _to_numpy(x, name: str) -> np.ndarray:
     return arr
 
 
-def _check_image_shape(image_shape) -> tuple[int, int]:
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 2 or min(shape) < 1:
+def _check_image_shape(image_shape) -> tuple[int, int, int]:
+    """(H, W) or (C, H, W) with C = 1 (grey) or 3 (RGB) -> (C, H, W); (H, W) is one grey channel."""
+    try:
+        shape = tuple(int(s) for s in image_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
         raise ElbolabError(
-            f"image_shape: expected (height, width) with positive sizes, got {tuple(image_shape)}; "
-            "for MNIST pass (28, 28)."
+            f"image_shape: expected (height, width) or (channels, height, width) with positive sizes, got "
+            f"{image_shape!r}; for MNIST pass (28, 28) or (1, 28, 28), for colour images e.g. (3, 32, 32)."
+        )
+    if shape[0] not in (1, 3):
+        raise ElbolabError(
+            f"image_shape: expected 1 (grey) or 3 (RGB) channels, got {shape[0]} in {shape}; "
+            "pass (1, H, W) or (3, H, W)."
         )
     return shape
 
 
 def _as_images(x, image_shape, name: str) -> np.ndarray:
-    """[N, D], [N, H, W] or [N, 1, H, W] in [0, 1] -> [N, H, W], clipped (decoders may overshoot slightly)."""
-    h, w = _check_image_shape(image_shape)
+    """Rows in [0, 1] -> images, clipped (decoders may overshoot slightly).
+
+    Rows are [N, C*H*W] flattened channel-first (or already [N, C, H, W] / [N, H, W]). Returns [N, H, W] for one
+    channel and [N, H, W, 3] (channel-last, as imshow wants) for RGB.
+    """
+    c, h, w = _check_image_shape(image_shape)
+    d = c * h * w
     arr = _to_numpy(x, name)
-    if arr.ndim > 2 and math.prod(arr.shape[1:]) == h * w:  # [N, H, W] or [N, 1, H, W] (conv decoders)
-        arr = arr.reshape(arr.shape[0], h * w)
-    if arr.ndim != 2 or arr.shape[1] != h * w:
+    if arr.ndim > 2 and math.prod(arr.shape[1:]) == d:  # [N, H, W] or [N, C, H, W] (conv decoders)
+        arr = arr.reshape(arr.shape[0], d)
+    if arr.ndim != 2 or arr.shape[1] != d:
+        what = f"{h}x{w}" if c == 1 else f"{c}x{h}x{w}, channel-first"
         raise ElbolabError(
-            f"{name}: expected shape [N, {h * w}] (flattened {h}x{w} images), got {list(arr.shape)}; "
-            "reshape to [N, height*width] or pass the matching image_shape."
+            f"{name}: expected shape [N, {d}] (flattened {what} images), got {list(arr.shape)}; "
+            "reshape to [N, channels*height*width] or pass the matching image_shape."
         )
     if arr.shape[0] == 0:
         raise ElbolabError(f"{name}: expected at least one image, got none; pass a non-empty batch.")
@@ -85,13 +103,18 @@ def _as_images(x, image_shape, name: str) -> np.ndarray:
             f"{name}: expected finite pixel values in [0, 1], got NaN or inf; "
             "check the model output (did training diverge?)."
         )
-    return np.clip(arr, 0.0, 1.0).reshape(-1, h, w)
+    arr = np.clip(arr, 0.0, 1.0)
+    if c == 1:
+        return arr.reshape(-1, h, w)
+    return arr.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # [N, H, W, 3]
 
 
 def _tile(rows: Sequence[np.ndarray], ncols: int) -> np.ndarray:
-    """Rows of [n_i, H, W] images (n_i <= ncols) -> one 2-D mosaic with 1-pixel gutters."""
-    h, w = rows[0].shape[1:]
-    mosaic = np.full((len(rows) * (h + 1) + 1, ncols * (w + 1) + 1), _PAD_VALUE)
+    """Rows of [n_i, H, W] (grey) or [n_i, H, W, 3] (RGB) images, n_i <= ncols -> one mosaic ([H', W'] or
+    [H', W', 3]) with 1-pixel gutters."""
+    h, w = rows[0].shape[1:3]
+    extra = rows[0].shape[3:]  # () for grey, (3,) for RGB
+    mosaic = np.full((len(rows) * (h + 1) + 1, ncols * (w + 1) + 1, *extra), _PAD_VALUE)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             top, left = 1 + r * (h + 1), 1 + c * (w + 1)
@@ -103,7 +126,10 @@ def _mosaic_figure(mosaic: np.ndarray, title: str | None, cell_inches: float, nc
     width = min(max(ncols * cell_inches, 3.0), 16.0)
     height = min(max(nrows * cell_inches, 1.5), 16.0) + (0.4 if title else 0.0)
     fig, ax = plt.subplots(figsize=(width, height), dpi=_DPI)
-    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if mosaic.ndim == 2:  # grey
+        ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:  # RGB in [0, 1]: colours as they are
+        ax.imshow(mosaic, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -133,10 +159,11 @@ def figure_png_bytes(fig) -> bytes:
 
 # -------------------------------------------------------------------------------------------- images
 def plot_image_grid(images, image_shape, path, *, ncols: int = 10, title: str | None = None) -> Path:
-    """Grid of images ([N, H*W] in [0, 1]), ``ncols`` per row; e.g. samples from the prior."""
+    """Grid of images ([N, C*H*W] in [0, 1], channel-first; ``image_shape`` (H, W) or (C, H, W) with C = 1 or 3),
+    ``ncols`` per row; e.g. samples from the prior. Grey for one channel, colour for three."""
     if int(ncols) < 1:
         raise ElbolabError(f"ncols: expected a positive integer, got {ncols}; try ncols=10.")
-    imgs = _as_images(images, image_shape, "images")  # [N, H, W]
+    imgs = _as_images(images, image_shape, "images")  # [N, H, W] or [N, H, W, 3]
     ncols = min(int(ncols), imgs.shape[0])
     rows = [imgs[i : i + ncols] for i in range(0, imgs.shape[0], ncols)]
     fig, _ = _mosaic_figure(_tile(rows, ncols), title, 0.6, ncols, len(rows))
@@ -144,8 +171,10 @@ def plot_image_grid(images, image_shape, path, *, ncols: int = 10, title: str | 
 
 
 def plot_reconstructions(inputs, reconstructions, image_shape, path, *, n: int = 10) -> Path:
-    """First ``n`` inputs with their reconstructions beneath; row pairs of at most 10 columns."""
-    x = _as_images(inputs, image_shape, "inputs")  # [N, H, W]
+    """First ``n`` inputs with their reconstructions beneath; row pairs of at most 10 columns.
+
+    ``image_shape`` is (H, W) or (C, H, W) as in :func:`plot_image_grid`."""
+    x = _as_images(inputs, image_shape, "inputs")  # [N, H, W] or [N, H, W, 3]
     x_hat = _as_images(reconstructions, image_shape, "reconstructions")
     if x.shape[0] != x_hat.shape[0]:
         raise ElbolabError(
@@ -268,16 +297,18 @@ def latent_grid(n: int, latent_dim: int = 2, dims: tuple[int, int] = (0, 1),
 def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], image_shape, path, *,
                          n: int = 20, latent_dim: int = 2, dims: tuple[int, int] = (0, 1),
                          quantile_range: tuple[float, float] = (0.05, 0.95)) -> Path:
-    """Decoder means over a grid of normal quantiles (one call with all n*n points), tiled as images."""
-    h, w = _check_image_shape(image_shape)
+    """Decoder means over a grid of normal quantiles (one call with all n*n points), tiled as images.
+
+    ``image_shape`` is (H, W) or (C, H, W) as in :func:`plot_image_grid`."""
+    _, h, w = _check_image_shape(image_shape)
     z = latent_grid(n, latent_dim, dims, quantile_range)  # [n*n, latent_dim]
     with torch.no_grad():
         decoded = decode_mean(z)
-    imgs = _as_images(decoded, (h, w), "decode_mean(z)")  # [n*n, H, W]
+    imgs = _as_images(decoded, image_shape, "decode_mean(z)")  # [n*n, H, W] or [n*n, H, W, 3]
     if imgs.shape[0] != z.shape[0]:
         raise ElbolabError(
             f"decode_mean(z): expected {z.shape[0]} images (one per latent point), got {imgs.shape[0]}; "
-            "the decoder must map [M, latent_dim] to [M, height*width]."
+            "the decoder must map [M, latent_dim] to [M, channels*height*width]."
         )
     rows = [imgs[r * n : (r + 1) * n] for r in range(n)]
     d0, d1 = dims
@@ -323,31 +354,96 @@ def project_2d(z, method: str = "auto") -> tuple[np.ndarray, str]:
     return pca.transform(arr), f"PCA of {d}-D latent (explained variance {ratio[0]:.0%} + {ratio[1]:.0%})"
 
 
-def plot_latent_scatter(z, labels, path, *, method: str = "auto") -> Path:
-    """Latent codes in 2-D (projected with :func:`project_2d`), coloured by integer label if given."""
-    coords, description = project_2d(z, method)  # [N, 2]
+def _label_vector(labels, n: int, label_name: str | None) -> tuple[np.ndarray, str]:
+    """Labels [N] (class ids) or [N, F] (factors: the first one is used) -> ([N] values, legend title)."""
+    lab = _to_numpy(labels, "labels")
+    if lab.ndim == 2 and lab.shape[1] >= 1:
+        title = label_name or ("label" if lab.shape[1] == 1 else f"factor 0 (of {lab.shape[1]})")
+        lab = lab[:, 0]
+    elif lab.ndim <= 1:
+        lab, title = lab.reshape(-1), label_name or "label"
+    else:
+        raise ElbolabError(f"labels: expected shape [N] (class ids) or [N, F] (factors), got {list(lab.shape)}; "
+                           "pass one row per latent code or None.")
+    if lab.shape[0] != n:
+        raise ElbolabError(f"labels: expected one label per latent code ({n}), got "
+                           f"{lab.shape[0]}; pass labels of the same examples or None.")
+    if not np.all(np.isfinite(lab)):
+        raise ElbolabError("labels: expected finite label values, got NaN or inf; pass class ids or factor values.")
+    return lab, title
+
+
+def _class_name(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _latent_histogram(z1: np.ndarray, lab: np.ndarray | None, label_title: str):
+    """One latent dimension: a histogram of z, stacked per label when there are few distinct labels."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=_DPI)
+    bins = np.histogram_bin_edges(z1, bins=min(60, max(10, int(np.sqrt(z1.size)))))
+    title = "Latent codes: histogram of the 1-D latent z"
+    if lab is None:
+        ax.hist(z1, bins=bins, color="#4c72b0", alpha=0.85)
+    else:
+        classes = np.unique(lab)
+        if len(classes) <= 20:  # stacked bars per label, with a legend
+            cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+            ax.hist([z1[lab == cls] for cls in classes], bins=bins, stacked=True, alpha=0.85,
+                    color=[cmap(i) for i in range(len(classes))], label=[_class_name(c) for c in classes])
+            ax.legend(title=label_title, fontsize=8, loc="best", framealpha=0.8,
+                      ncol=1 if len(classes) <= 10 else 2)
+            title += f", stacked by {label_title}"
+        else:  # too many values for a legend: overlay the histogram of each label-quartile group
+            edges = np.unique(np.quantile(lab, [0.0, 0.25, 0.5, 0.75, 1.0]))
+            groups = np.clip(np.searchsorted(edges, lab, side="right") - 1, 0, max(len(edges) - 2, 0))
+            cmap = plt.get_cmap("viridis")
+            for g in np.unique(groups):
+                lo, hi = edges[g], edges[min(g + 1, len(edges) - 1)]
+                ax.hist(z1[groups == g], bins=bins, histtype="step", linewidth=1.6,
+                        color=cmap(g / max(len(edges) - 2, 1)), label=f"{lo:g} to {hi:g}")
+            ax.legend(title=f"{label_title} (quartile groups)", fontsize=8, loc="best", framealpha=0.8)
+            title += f", by {label_title} quartile"
+    ax.set_xlabel("z (the only latent dimension)")
+    ax.set_ylabel("number of codes")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: str | None = None) -> Path:
+    """Latent codes in 2-D (projected with :func:`project_2d`), coloured by label if given.
+
+    ``labels`` are class ids [N] or factors [N, F] (coloured by the first factor; ``label_name`` names it in the
+    legend). A 1-D latent ([N, 1] or [N]) gets a histogram of z instead, stacked per label.
+    """
+    arr = _to_numpy(z, "z")
+    if arr.ndim == 1:
+        arr = arr[:, None]  # [N] -> [N, 1]: a 1-D latent
+    if arr.ndim == 2 and arr.shape[1] == 1 and arr.shape[0] >= 1:
+        if not np.all(np.isfinite(arr)):
+            raise ElbolabError("z: expected finite latent codes, got NaN or inf; check the encoder output.")
+        lab, label_title = (None, "") if labels is None else _label_vector(labels, arr.shape[0], label_name)
+        return _save(_latent_histogram(arr[:, 0], lab, label_title), path)
+    coords, description = project_2d(arr, method)  # [N, 2]
     fig, ax = plt.subplots(figsize=(6.0, 5.2), dpi=_DPI)
     size = 12 if coords.shape[0] <= 2000 else 4
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.6, linewidths=0)
     else:
-        lab = _to_numpy(labels, "labels").reshape(-1)
-        if lab.shape[0] != coords.shape[0]:
-            raise ElbolabError(f"labels: expected one label per latent code ({coords.shape[0]}), got "
-                               f"{lab.shape[0]}; pass labels of the same examples or None.")
+        lab, label_title = _label_vector(labels, coords.shape[0], label_name)
         classes = np.unique(lab)
         if len(classes) <= 20:  # a legend is readable for few classes (e.g. MNIST digits)
             cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
             for i, cls in enumerate(classes):
                 mask = lab == cls
-                name = str(int(cls)) if float(cls).is_integer() else f"{cls:g}"
                 ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, linewidths=0,
-                           color=cmap(i), label=name)
-            ax.legend(title="label", fontsize=8, markerscale=2, loc="best", framealpha=0.8)
+                           color=cmap(i), label=_class_name(cls))
+            ax.legend(title=label_title, fontsize=8, markerscale=2, loc="best", framealpha=0.8)
         else:
             points = ax.scatter(coords[:, 0], coords[:, 1], c=lab, s=size, alpha=0.7, linewidths=0,
                                 cmap="viridis")
-            fig.colorbar(points, ax=ax, label="label")
+            fig.colorbar(points, ax=ax, label=label_title)
     is_pca = description.startswith("PCA")
     ax.set_xlabel("PC 1" if is_pca else "z0")
     ax.set_ylabel("PC 2" if is_pca else "z1")
@@ -363,6 +459,10 @@ def _kl_bar_figure(kl_per_dim):
         raise ElbolabError("kl_per_dim: expected one KL value per latent dimension, got none.")
     fig, ax = plt.subplots(figsize=(min(max(0.25 * kl.size + 1.5, 3.5), 12.0), 2.6), dpi=_DPI)
     ax.bar(np.arange(kl.size), kl, color="#4c72b0")
+    if kl.size <= 20:  # dimensions are whole numbers: one tick each, or integer ticks when there are many
+        ax.set_xticks(np.arange(kl.size))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
     ax.set_title("KL per latent dimension", fontsize=10)

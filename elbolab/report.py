@@ -12,7 +12,7 @@ import json
 import math
 import os
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from elbolab.errors import CheckpointError
 
@@ -27,10 +27,16 @@ _FIGURE_KINDS = (
     ("reconstructions", ("recon",), "Inputs (top) and their reconstructions (beneath)"),
     ("curves", ("curve",), "Training curves by epoch, train vs val"),
     ("manifold", ("manifold",), "Latent manifold: decoder mean over a grid of normal quantiles"),
-    ("latent_scatter", ("scatter",), "Latent codes in 2-D, coloured by label"),
+    ("latent_scatter", ("scatter",),
+     "Latent codes coloured by label: 2-D (or a projection), or a histogram for a 1-D latent"),
 )
-_HEADLINE_PATTERNS = ("log_px", "log_likelihood", "loglik", "nll", "elbo")
-_STDERR_SUFFIXES = ("_stderr", "_se", "_sem", ".stderr", ".se", ".sem")
+# Fallback headline when eval.json has no log p(x) block: the first top-level number whose key matches.
+_HEADLINE_FALLBACKS = (("elbo", "ELBO"), ("log_likelihood", "Log-likelihood"), ("loglik", "Log-likelihood"),
+                       ("nll", "NLL"))
+# Fields of a log p(x) estimate (evaluate.LogLikelihoodEstimate.to_dict, plus the flags evaluate_model adds);
+# "stderr" is the older name of the s.e. over examples.
+_ESTIMATE_FIELDS = ("mean", "mc_stderr", "bias_estimate", "sd_over_examples", "stderr_over_examples", "stderr",
+                    "ess_mean", "ess_min", "k", "n_examples", "is_density", "is_exact_estimate")
 _CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --accent:#2f6fb0; --bg:#fafbfc; }
 * { box-sizing: border-box; }
@@ -46,8 +52,17 @@ nav a { color:var(--accent); text-decoration:none; margin-right:14px; }
 .note { font-size:.9rem; font-style:italic; margin:6px 0; }
 .cards { display:grid; grid-template-columns:repeat(auto-fill,minmax(200px,1fr)); gap:12px; }
 .card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 14px; }
-.card .label { font-size:.78rem; text-transform:uppercase; letter-spacing:.04em; color:var(--muted); }
+.card .label { font-size:.82rem; color:var(--muted); }
 .card .value { font-size:1.15rem; font-weight:600; word-break:break-word; }
+.card .sub { font-size:.8rem; color:var(--muted); }
+.card.warn { border-color:#d9a400; background:#fffbea; }
+.callout { background:#fffbea; border:1px solid #e8c547; border-left:5px solid #d9a400; border-radius:6px;
+  padding:8px 14px; margin:10px 0; }
+.callout strong { color:#7a5a00; }
+td.meaning { color:var(--muted); font-size:.85rem; }
+table.eval { width:100%; }
+table.eval col.quantity { width:30%; }
+table.eval col.value { width:22%; }
 table { border-collapse:collapse; background:#fff; border:1px solid var(--line); margin:6px 0 12px;
   font-size:.9rem; min-width:50%; }
 th, td { text-align:left; padding:5px 12px; border-bottom:1px solid var(--line); vertical-align:top; }
@@ -56,6 +71,7 @@ td.num { font-variant-numeric:tabular-nums; text-align:right; white-space:nowrap
 tr:nth-child(even) td { background:#fbfcfd; }
 code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:.85em; }
 .figures { display:grid; grid-template-columns:repeat(auto-fill,minmax(440px,1fr)); gap:18px; }
+figure.wide { grid-column:1 / -1; }
 figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
 figcaption { font-size:.88rem; margin-top:6px; text-align:center; }
@@ -146,15 +162,22 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _table(rows, header=("Key", "Value"), numeric_cols=()) -> str:
+    """A table; a last column headed "Meaning" is set in small muted type."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    meaning_col = len(header) - 1 if header and header[-1] == "Meaning" else -1
+    opening = "<table>"
+    if len(header) == 3 and meaning_col == 2:  # the evaluation tables: aligned columns from one table to the next
+        opening = ('<table class="eval"><colgroup><col class="quantity"><col class="value"><col class="meaning">'
+                   "</colgroup>")
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="num">{_e(c)}</td>' if i in numeric_cols else f"<td>{_e(c)}</td>"
+            f'<td class="num">{_e(c)}</td>' if i in numeric_cols
+            else f'<td class="meaning">{_e(c)}</td>' if i == meaning_col else f"<td>{_e(c)}</td>"
             for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _note(text: str) -> str:
@@ -166,46 +189,246 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
 
 
+def _png_size(png: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None."""
+    if len(png) < 24 or not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
 def _figure(png: bytes, caption: str) -> str:
-    return f"<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>"
+    """A figure; wide ones (e.g. the three-panel training curves) take a whole row of the grid."""
+    size = _png_size(png)
+    wide = size is not None and size[0] > 700 and size[0] >= 1.8 * size[1]  # too small at half width
+    opening = '<figure class="wide">' if wide else "<figure>"
+    return f"{opening}{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 # -------------------------------------------------------------------------------------------- sections
-def _eval_rows(evaluation: dict) -> tuple[list[tuple[str, str]], list[float] | None]:
-    """Flattened eval.json as (label, value) rows; mean/stderr pairs merged into "m ± s".
+def _finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
 
-    Also returns the KL-per-dimension list if there is one (drawn as a bar chart).
+
+def _count(v) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _fmt(v)
+
+
+def _with_mc_se(mean, mc_se) -> str:
+    """'-93.700 ± 0.010 (MC s.e.)': two significant digits of the Monte-Carlo s.e., at least 2 decimals."""
+    if not _finite(mean):
+        return _fmt(mean)
+    if not _finite(mc_se) or mc_se < 0:
+        return f"{mean:.2f}"
+    decimals = 2 if mc_se == 0 else max(2, min(6, 1 - math.floor(math.log10(mc_se))))
+    return f"{mean:.{decimals}f} ± {mc_se:.{decimals}f} (MC s.e.)"
+
+
+def _estimate_block(evaluation: dict, key: str) -> tuple[dict | None, set[str]]:
+    """A log p(x) estimate as a dict: ``evaluation[key]`` if it is one, else the flat ``key_<field>`` keys of
+    older files. Returns (block or None, top-level keys it used)."""
+    if isinstance(evaluation.get(key), dict):
+        return dict(evaluation[key]), {key}
+    flat = {f: evaluation[f"{key}_{f}"] for f in _ESTIMATE_FIELDS if f"{key}_{f}" in evaluation}
+    return (flat or None), {f"{key}_{f}" for f in flat}
+
+
+def _likelihood_name(config, note: str | None) -> str | None:
+    model_config = config.get("model_config") if isinstance(config, dict) else None
+    name = model_config.get("likelihood") if isinstance(model_config, dict) else None
+    if isinstance(name, str) and name:
+        return " ".join(w.capitalize() for w in name.replace("_", "-").split("-"))
+    if note and "bernoulli" in note.lower():
+        return "Bernoulli"
+    return None
+
+
+def _log_px_name(block: dict, note: str | None, config) -> str:
+    """What the number is: 'log p(x)' only when it is a log-density without caveats."""
+    if block.get("is_density") is False:
+        likelihood = _likelihood_name(config, note)
+        return f"{likelihood} score (not a log-density)" if likelihood else "Score (not a log-density)"
+    if block.get("is_exact_estimate") is False:
+        return "log p(x) (approximate)"
+    return "log p(x) (see note)" if note else "log p(x)"
+
+
+def _estimate_rows(block: dict, name: str, split: str) -> list[tuple[str, str, str]]:
+    """(quantity, value, meaning) rows of one log p(x) estimate; the ± pairs only the mean and its MC s.e."""
+    rows = []
+    mc_se = block.get("mc_stderr")
+    meaning = "mean over the examples, in nats"
+    if _finite(mc_se):
+        meaning += "; ± is the Monte-Carlo standard error (other importance samples, same examples)"
+    else:
+        meaning += "; no Monte-Carlo standard error recorded for this estimate"
+    rows.append((name, _with_mc_se(block.get("mean"), mc_se), meaning))
+    if _finite(block.get("bias_estimate")):
+        rows.append(("Estimated bias of the mean", _fmt(float(block["bias_estimate"])),
+                     "delta-method estimate of the (downward) bias from a finite K; small against the MC s.e. "
+                     "is good"))
+    if _finite(block.get("sd_over_examples")):
+        rows.append(("s.d. over examples", f"{block['sd_over_examples']:.2f}",
+                     "spread of the per-example values: how different the examples are"))
+    over = block.get("stderr_over_examples", block.get("stderr"))
+    if _finite(over):
+        rows.append((f"s.e. over examples (sampling of the {split} set)", _fmt(float(over)),
+                     f"how much the mean would move with another {split} set of this size; not a Monte-Carlo "
+                     "error, and not for comparing two models on the same examples"))
+    ess_mean, ess_min, k = block.get("ess_mean"), block.get("ess_min"), block.get("k")
+    of_k = f" of K = {k:,}" if isinstance(k, int) and not isinstance(k, bool) else ""
+    if _finite(ess_mean):
+        rows.append(("Effective sample size, mean over examples", f"{ess_mean:,.1f}{of_k}",
+                     "Kish ESS of the importance weights; small values make the MC s.e. optimistic"))
+    if _finite(ess_min):
+        rows.append(("Effective sample size, worst example", f"{ess_min:,.1f}{of_k}", ""))
+    if isinstance(k, int) and not isinstance(k, bool):
+        rows.append(("Importance samples per example (K)", f"{k:,}", ""))
+    if block.get("n_examples") is not None:
+        rows.append(("Examples", _count(block["n_examples"]), f"{split} examples averaged over"))
+    return rows
+
+
+def _evaluation_section(evaluation: dict, config, *, draw_kl: bool = True) -> tuple[str, dict | None, str | None]:
+    """eval.json as grouped, human-named tables (log p(x) estimate, latent diagnostics, the rest), with a bar chart
+    of the KL per dimension when ``draw_kl``.
+
+    Returns (html, headline card or None, note to show prominently next to log p(x) or None).
     """
-    flat = _flatten(evaluation)
     used: set[str] = set()
-    rows: list[tuple[str, str]] = []
-    kl_per_dim = None
-    for key, value in flat.items():
-        if key in used:
-            continue
-        last = key.rsplit(".", 1)[-1].lower()
-        if kl_per_dim is None and "kl" in last and "dim" in last and isinstance(value, list) \
-                and value and all(_is_number(v) for v in value):
-            kl_per_dim = [float(v) for v in value]
-        label = key
-        for mean_suffix in ("_mean", ".mean"):
-            if key.endswith(mean_suffix):
-                label = key[: -len(mean_suffix)]
-        stderr_key = next((stem + suffix for stem in (key, label) for suffix in _STDERR_SUFFIXES
-                           if stem + suffix in flat and _is_number(flat[stem + suffix])), None)
-        if stderr_key is not None and _is_number(value):
-            used.add(stderr_key)
-            rows.append((label, f"{_fmt(float(value))} ± {_fmt(float(flat[stderr_key]))}"))
-        else:
-            rows.append((key, _fmt(value)))
-    return rows, kl_per_dim
+    parts: list[str] = []
+    split = evaluation.get("split") if isinstance(evaluation.get("split"), str) else "test"
+    header = ("Quantity", "Value", "Meaning")
+
+    context = []
+    if isinstance(evaluation.get("dataset"), str):
+        context.append(f"data {evaluation['dataset']}")
+    if isinstance(evaluation.get("model"), str):
+        context.append(f"model {evaluation['model']}")
+    if evaluation.get("seed") is not None:
+        context.append(f"seed {_text(evaluation['seed'])}")
+    if "split" in evaluation or context:
+        parts.append(f"<p>Evaluated on the <strong>{_e(split)}</strong> split"
+                     + (f" ({_e(', '.join(context))})" if context else "") + ".</p>")
+
+    # ---- log p(x)
+    block, keys = _estimate_block(evaluation, "log_px")
+    used |= keys
+    note = evaluation.get("log_px_note") if isinstance(evaluation.get("log_px_note"), str) else None
+    used.add("log_px_note")
+    headline = None
+    callout = None
+    rows: list[tuple[str, str, str]] = []
+    if block is not None:
+        for legacy in ("ess_mean", "ess_min", "k"):  # older files kept these at the top level
+            if legacy not in block and legacy in evaluation:
+                block[legacy] = evaluation[legacy]
+                used.add(legacy)
+        if "n_examples" not in block and "n_examples" in evaluation:
+            block["n_examples"] = evaluation["n_examples"]
+        name = _log_px_name(block, note, config)
+        rows += _estimate_rows(block, name, split)
+        caveat = block.get("is_density") is False or note is not None
+        if caveat:
+            callout = note or ("this number is a score of the likelihood on data outside its support, "
+                               "not a log-density")
+        sub = "nats; ± Monte-Carlo s.e." if _finite(block.get("mc_stderr")) else "nats; no Monte-Carlo s.e."
+        if isinstance(block.get("k"), int):
+            sub += f"; K = {block['k']:,}"
+        value = _with_mc_se(block.get("mean"), block.get("mc_stderr")).replace(" (MC s.e.)", "")
+        headline = {"label": f"{split} {name}", "value": value,
+                    "sub": sub + ("; see the note below" if caveat else ""), "warn": caveat}
+    if _is_number(evaluation.get("elbo")):
+        rows.append(("ELBO", f"{evaluation['elbo']:.2f}", "mean evidence lower bound over the same examples, nats"))
+        used.add("elbo")
+        if headline is None:
+            headline = {"label": f"{split} ELBO", "value": f"{evaluation['elbo']:.2f}", "sub": "nats"}
+    compare = evaluation.get("compare")
+    if isinstance(compare, dict) and _finite(compare.get("mean_difference")):
+        used.add("compare")
+        other = compare.get("other_run", "the other run")
+        diff, se, n = compare["mean_difference"], compare.get("stderr"), compare.get("n_examples")
+        value = f"{diff:+.3f}" + (f" ± {se:.3f}" if _finite(se) else "")
+        over = f"s.e. over {_count(n)} examples" if n is not None else "s.e. over the examples"
+        rows.append((f"Paired difference vs {other}", f"{value} ({over})" if _finite(se) else value,
+                     "this run minus the other, example by example on the same examples; ± is the s.e. of the "
+                     "mean difference over examples"))
+        if _finite(compare.get("other_mean")):
+            rows.append((f"log p(x) of {other}", f"{compare['other_mean']:.2f}", "same examples, same settings"))
+    if rows:
+        parts.append("<h3>log p(x) estimate</h3>")
+        if callout:
+            parts.append(f'<div class="callout"><strong>Note:</strong> {_e(callout)}</div>')
+        parts.append(_table(rows, header, numeric_cols=(1,)))
+
+    # ---- the naive estimator, for comparison
+    for key in ("log_px_naive", "naive_log_px"):
+        naive, keys = _estimate_block(evaluation, key)
+        if naive is not None:
+            used |= keys
+            parts.append("<h3>Naive estimator (samples from the prior), for comparison</h3>")
+            parts.append(_table(_estimate_rows(naive, "log p(x), naive estimate", split), header, numeric_cols=(1,)))
+
+    # ---- latent diagnostics
+    rows = []
+    latent_dim = evaluation.get("latent_dim")
+    if _is_number(latent_dim):
+        rows.append(("Latent dimensions", _count(latent_dim), ""))
+        used.add("latent_dim")
+    if _is_number(evaluation.get("active_units")):
+        of = f" of {latent_dim}" if _is_number(latent_dim) else ""
+        rows.append(("Active units", f"{_count(evaluation['active_units'])}{of}",
+                     "units whose posterior mean varies across examples (Cov_x E[z_u|x] > 0.01)"))
+        used.add("active_units")
+    if isinstance(evaluation.get("active_units_per_group"), dict):
+        for group, count in evaluation["active_units_per_group"].items():
+            rows.append((f"Active units, group {group}", _count(count), ""))
+        used.add("active_units_per_group")
+    kl_per_dim = evaluation.get("kl_per_dim")
+    if isinstance(kl_per_dim, list) and kl_per_dim and all(_is_number(v) for v in kl_per_dim):
+        kl_per_dim = [float(v) for v in kl_per_dim]
+        rows.append(("KL, sum over dimensions", f"{sum(kl_per_dim):.2f}", "mean KL(q(z|x) || p(z)) in nats"))
+        spread = (_fmt(kl_per_dim[0]) if len(kl_per_dim) == 1 else
+                  f"{len(kl_per_dim)} values, min {_fmt(min(kl_per_dim))}, max {_fmt(max(kl_per_dim))}")
+        rows.append(("KL per dimension", spread, "near 0: an inactive unit; see the chart"))
+        used.add("kl_per_dim")
+    else:
+        if "kl_per_dim" in evaluation and kl_per_dim is None:
+            used.add("kl_per_dim")  # a model without a per-dimension KL
+        kl_per_dim = None
+    if isinstance(evaluation.get("kl_per_group"), dict):
+        for group, value in evaluation["kl_per_group"].items():
+            rows.append((f"KL, group {group}", _fmt(value), "nats"))
+        used.add("kl_per_group")
+    if rows:
+        parts.append("<h3>Latent diagnostics</h3>")
+        parts.append(_table(rows, header, numeric_cols=(1,)))
+    if kl_per_dim is not None and draw_kl:
+        from elbolab.plots import _kl_bar_figure, figure_png_bytes  # matplotlib only when needed
+
+        parts.append(_figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
+                             "Average KL per latent dimension (near 0: an inactive unit)"))
+
+    # ---- the model's own numbers, then anything else
+    if isinstance(evaluation.get("model_metrics"), dict) and evaluation["model_metrics"]:
+        used.add("model_metrics")
+        parts.append("<h3>Model-specific metrics</h3>")
+        parts.append(_table([(k.replace("_", " "), _fmt(v)) for k, v in _flatten(evaluation["model_metrics"]).items()],
+                            ("Metric", "Value"), numeric_cols=(1,)))
+    used |= {"split", "dataset", "model", "seed", "n_examples"}
+    rest = {k: v for k, v in evaluation.items() if k not in used}
+    if rest:
+        parts.append("<h3>Other values</h3>")
+        parts.append(_table([(k, _fmt(v)) for k, v in _flatten(rest).items()], ("Key", "Value"), numeric_cols=(1,)))
+    if not parts:
+        parts.append(_note("eval.json holds no values."))
+    return "".join(parts), headline, callout
 
 
-def _headline(eval_rows: list[tuple[str, str]]) -> tuple[str, str] | None:
-    for pattern in _HEADLINE_PATTERNS:
-        for label, value in eval_rows:
-            if pattern in label.lower():
-                return label, value
+def _headline_fallback(evaluation: dict) -> dict | None:
+    for key, label in _HEADLINE_FALLBACKS:
+        for name, value in evaluation.items():
+            if key in name.lower() and _finite(value):
+                return {"label": label if name.lower() == key else name, "value": _fmt(float(value))}
     return None
 
 
@@ -293,31 +516,71 @@ def _manifest_section(manifest: dict) -> str:
     return "".join(parts)
 
 
-def _summary_cards(run_dir: Path, config, manifest, eval_rows, training_facts) -> str:
-    cards: dict[str, str] = {"Run": run_dir.resolve().name}
+def _source_name(source: str) -> str:
+    """A data source: a registered name as is, a file or folder path as its last component."""
+    if "/" in source or "\\" in source:
+        name = PureWindowsPath(source).name if "\\" in source else PurePosixPath(source.rstrip("/")).name
+        return name or source
+    return source
+
+
+def _data_description(config) -> tuple[str, str | None] | None:
+    """('digits (binarize dynamic)', full source or None) from config ``data`` (a dict or, in older files, a name)."""
+    if not isinstance(config, dict):
+        return None
+    data = next((config[k] for k in ("data", "dataset") if config.get(k)), None)
+    if isinstance(data, str):
+        return _source_name(data), (data if _source_name(data) != data else None)
+    if not isinstance(data, dict):
+        return None
+    source = next((data[k] for k in ("source", "name", "dataset") if isinstance(data.get(k), str) and data[k]), None)
+    if source is None:
+        return None
+    text = short = _source_name(source)
+    binarize = data.get("binarize")
+    if binarize is True:
+        text += " (binarized)"
+    elif isinstance(binarize, str) and binarize.lower() not in ("", "none", "false", "no"):
+        text += f" (binarize {binarize})"
+    return text, (source if short != source else None)
+
+
+def _card(label: str, value: str, sub: str | None = None, title: str | None = None, warn: bool = False) -> str:
+    title_attr = f' title="{_e(title)}"' if title else ""
+    sub_html = f'<div class="sub">{_e(sub)}</div>' if sub else ""
+    return (f'<div class="card{" warn" if warn else ""}"{title_attr}><div class="label">{_e(label)}</div>'
+            f'<div class="value">{_e(value)}</div>{sub_html}</div>')
+
+
+def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_facts) -> str:
+    cards = [_card("Run", run_dir.resolve().name)]
     flat_config = _flatten(config) if isinstance(config, dict) else {}
-    for label, keys in (("Model", ("model", "model.name", "model_name", "model.kind")),
-                        ("Data", ("data", "dataset", "data.name", "dataset.name"))):
-        value = next((flat_config[k] for k in keys if isinstance(flat_config.get(k), str)), None)
-        if value is not None:
-            cards[label] = value
+    model = next((flat_config[k] for k in ("model", "model.name", "model_name", "model.kind")
+                  if isinstance(flat_config.get(k), str)), None)
+    if model is not None:
+        cards.append(_card("Model", model))
+    data = _data_description(config)
+    if data is not None:
+        cards.append(_card("Data", data[0], sub=None, title=data[1]))
     seed = manifest.get("seed") if isinstance(manifest, dict) else None
-    seed = flat_config.get("seed") if seed is None else seed
+    seed = next((flat_config[k] for k in ("seed", "train_config.seed") if k in flat_config), None) \
+        if seed is None else seed
     if seed is not None:
-        cards["Seed"] = _text(seed)
-    headline = _headline(eval_rows)
+        cards.append(_card("Seed", _text(seed)))
     if headline is not None:
-        cards[headline[0]] = headline[1]
-    cards.update(training_facts)
+        cards.append(_card(headline["label"], headline["value"], headline.get("sub"), warn=headline.get("warn", False)))
+    cards += [_card(k, v) for k, v in training_facts.items()]
     if isinstance(manifest, dict):
         if manifest.get("timestamp_utc"):
-            cards["Started (UTC)"] = str(manifest["timestamp_utc"])
+            cards.append(_card("Started (UTC)", str(manifest["timestamp_utc"])))
         if manifest.get("git_commit"):
-            cards["Git commit"] = str(manifest["git_commit"])[:12] + (
-                " (dirty)" if manifest.get("git_dirty") else "")
-    body = "".join(f'<div class="card"><div class="label">{_e(k)}</div><div class="value">{_e(v)}</div></div>'
-                   for k, v in cards.items())
-    return f'<div class="cards">{body}</div>'
+            cards.append(_card("Git commit", str(manifest["git_commit"])[:12] + (
+                " (dirty)" if manifest.get("git_dirty") else "")))
+    page = f'<div class="cards">{"".join(cards)}</div>'
+    if callout:
+        label = headline["label"] if headline else "log p(x)"
+        page += f'<div class="callout"><strong>About the {_e(label)}:</strong> {_e(callout)}</div>'
+    return page
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -346,18 +609,16 @@ def write_report(run_dir) -> Path:
     eval_note = not_an_object("eval.json", evaluation, eval_note)
     manifest_note = not_an_object("manifest.json", manifest, manifest_note)
 
-    eval_rows, kl_per_dim = _eval_rows(evaluation) if isinstance(evaluation, dict) else ([], None)
-    eval_html = _table(eval_rows, ("Metric", "Value"), numeric_cols=(1,)) if eval_rows else ""
-    has_kl_figure = any("kl_per_dim" in p.stem.lower() for p in (run_dir / "figures").glob("*.png"))
-    if kl_per_dim is not None and not has_kl_figure:
-        from elbolab.plots import _kl_bar_figure, figure_png_bytes
-
-        eval_html += _figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
-                             "Average KL per latent dimension (near 0: an inactive unit)")
+    if isinstance(evaluation, dict):
+        has_kl_figure = any("kl_per_dim" in p.stem.lower() for p in (run_dir / "figures").glob("*.png"))
+        eval_html, headline, callout = _evaluation_section(evaluation, config, draw_kl=not has_kl_figure)
+        headline = headline or _headline_fallback(evaluation)
+    else:
+        eval_html, headline, callout = "", None, None
     training_html, training_facts = _training_section(records) if records else ("", {})
 
     sections = [
-        ("summary", "Summary", _summary_cards(run_dir, config, manifest, eval_rows, training_facts)),
+        ("summary", "Summary", _summary_cards(run_dir, config, manifest, headline, callout, training_facts)),
         ("evaluation", "Evaluation", eval_html + (_note(eval_note) if eval_note else "")),
         ("training", "Training", training_html + (_note(metrics_note) if metrics_note else "")),
         ("figures", "Figures", _figures_section(run_dir / "figures")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -40,6 +41,11 @@ def read_png(path) -> np.ndarray:
 
 def grey(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., :3].mean(axis=-1)  # [H, W]
+
+
+def has_colour(pixels: np.ndarray, rgb, tol: float = 0.06) -> bool:
+    """Whether at least a few pixels have this colour (each channel within ``tol``)."""
+    return int((np.abs(pixels[..., :3] - np.asarray(rgb)).max(axis=-1) < tol).sum()) >= 4
 
 
 # ------------------------------------------------------------------------------------------- image grids
@@ -199,7 +205,97 @@ def test_kl_per_dim_bar_chart(tmp_path):
     read_png(plots.plot_kl_per_dim(np.array([3.0, 0.01, 2.0, 0.0]), tmp_path / "kl.png"))
 
 
+def test_latent_scatter_of_a_1d_latent_is_a_histogram_per_label(tmp_path):
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 400)
+    z = torch.tensor(rng.normal(size=(400, 1)) + labels[:, None])  # [N, 1]: a model trained with --latent-dim 1
+    pixels = read_png(plots.plot_latent_scatter(z, torch.tensor(labels), tmp_path / "h.png"))
+    # Stacked bars in the first three tab10 colours (alpha 0.85 over white), one per label.
+    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):
+        rgb = 0.85 * np.array(matplotlib.colors.to_rgb(colour)) + 0.15
+        assert has_colour(pixels, rgb), colour
+    read_png(plots.plot_latent_scatter(z[:, 0], None, tmp_path / "flat.png"))  # [N] and no labels
+    read_png(plots.plot_latent_scatter(z, rng.normal(size=400), tmp_path / "many.png"))  # continuous labels
+    read_png(plots.plot_latent_scatter(z, rng.integers(0, 4, (400, 2)), tmp_path / "factors.png"))
+    with pytest.raises(ElbolabError, match="one label per"):
+        plots.plot_latent_scatter(z, labels[:-1], tmp_path / "bad.png")
+    with pytest.raises(ElbolabError, match="finite"):
+        plots.plot_latent_scatter(torch.full((5, 1), float("nan")), None, tmp_path / "nan.png")
+
+
+def test_latent_scatter_colours_by_the_first_factor(tmp_path):
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(300, 4))
+    factors = np.stack([rng.integers(0, 3, 300), rng.integers(0, 40, 300), rng.uniform(size=300)], axis=1)
+    pixels = read_png(plots.plot_latent_scatter(torch.tensor(z), torch.tensor(factors), tmp_path / "f.png"))
+    # Factor 0 has 3 values: the first three tab10 colours (alpha 0.7 over white), not a fourth, no colour bar.
+    tab10 = [0.7 * np.array(matplotlib.colors.to_rgb(c)) + 0.3 for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")]
+    assert all(has_colour(pixels, rgb) for rgb in tab10[:3]) and not has_colour(pixels, tab10[3])
+    read_png(plots.plot_latent_scatter(z, factors[:, 1:], tmp_path / "f2.png", label_name="position"))
+    read_png(plots.plot_latent_scatter(z, factors[:, :1], tmp_path / "f3.png"))  # [N, 1]
+    with pytest.raises(ElbolabError, match=r"\[N, F\]"):
+        plots.plot_latent_scatter(z, np.zeros((300, 2, 2)), tmp_path / "bad.png")
+    with pytest.raises(ElbolabError, match="one label per"):
+        plots.plot_latent_scatter(z, factors[:-1], tmp_path / "bad.png")
+
+
+def test_one_channel_shape_draws_exactly_like_height_width(tmp_path):
+    images = torch.rand(6, 64, generator=torch.Generator().manual_seed(8))
+    grid_hw = mpimg.imread(plots.plot_image_grid(images, (8, 8), tmp_path / "hw.png", ncols=3))
+    grid_chw = mpimg.imread(plots.plot_image_grid(images.reshape(6, 1, 8, 8), (1, 8, 8), tmp_path / "chw.png",
+                                                  ncols=3))
+    np.testing.assert_array_equal(grid_hw, grid_chw)
+    recon_hw = mpimg.imread(plots.plot_reconstructions(images, 1 - images, (8, 8), tmp_path / "rhw.png"))
+    recon_chw = mpimg.imread(plots.plot_reconstructions(images, 1 - images, (1, 8, 8), tmp_path / "rchw.png"))
+    np.testing.assert_array_equal(recon_hw, recon_chw)
+    decoder = lambda z: torch.special.ndtr(z.sum(1, keepdim=True)) * torch.linspace(0.2, 1.0, 64)  # noqa: E731
+    manifold_hw = mpimg.imread(plots.plot_latent_manifold(decoder, (8, 8), tmp_path / "mhw.png", n=4))
+    manifold_chw = mpimg.imread(plots.plot_latent_manifold(decoder, (1, 8, 8), tmp_path / "mchw.png", n=4))
+    np.testing.assert_array_equal(manifold_hw, manifold_chw)
+
+
+def rgb_rows(n: int, colour) -> torch.Tensor:
+    """n flat channel-first RGB 8x8 images of one colour, [n, 3*8*8]."""
+    return torch.tensor(colour, dtype=torch.float32)[None, :, None, None].expand(n, 3, 8, 8).reshape(n, -1)
+
+
+def test_rgb_images_are_drawn_in_colour_channel_first(tmp_path):
+    red, blue = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+    images = torch.cat([rgb_rows(2, red), rgb_rows(2, blue)])  # [4, 192]
+    grid = read_png(plots.plot_image_grid(images, (3, 8, 8), tmp_path / "rgb.png", ncols=2))
+    # Channel-first rows: whole images of red and of blue (a channel-last reading would give white and black).
+    assert has_colour(grid, red) and has_colour(grid, blue)
+    assert not has_colour(grid, (0.0, 1.0, 0.0))
+    read_png(plots.plot_image_grid(images.reshape(4, 3, 8, 8), (3, 8, 8), tmp_path / "rgb4d.png"))
+    recon = read_png(plots.plot_reconstructions(rgb_rows(3, red), rgb_rows(3, blue), (3, 8, 8),
+                                                tmp_path / "recon.png"))
+    red_rows = np.flatnonzero(np.abs(recon[..., :3] - red).max(axis=-1).__lt__(0.06).any(axis=1))
+    blue_rows = np.flatnonzero(np.abs(recon[..., :3] - blue).max(axis=-1).__lt__(0.06).any(axis=1))
+    assert red_rows.size and blue_rows.size and red_rows.max() < blue_rows.min()  # inputs above
+    decoder = lambda z: torch.special.ndtr(z[:, :1, None]).expand(-1, 3, 64).clone().mul_(  # noqa: E731
+        torch.tensor([1.0, 0.0, 0.0])[:, None]).reshape(len(z), -1)  # red of varying brightness
+    manifold = read_png(plots.plot_latent_manifold(decoder, (3, 8, 8), tmp_path / "m.png", n=4))
+    assert (manifold[..., 0] - manifold[..., 1] > 0.5).sum() > 50  # red tiles
+    with pytest.raises(ElbolabError, match=r"\[N, 192\]"):
+        plots.plot_image_grid(torch.rand(2, 64), (3, 8, 8), tmp_path / "bad.png")
+    with pytest.raises(ElbolabError, match="channels"):
+        plots.plot_image_grid(torch.rand(2, 128), (2, 8, 8), tmp_path / "bad.png")
+
+
 # ------------------------------------------------------------------------------------------------ report
+def row_value(page: str, quantity: str) -> str | None:
+    """The Value cell of the evaluation row named ``quantity`` (HTML-escaped text), or None."""
+    match = re.search(r"<tr><td>" + re.escape(html.escape(quantity, quote=True)) + r'</td><td class="num">(.*?)</td>',
+                      page)
+    return None if match is None else html.unescape(match.group(1))
+
+
+def summary_cards(page: str) -> dict[str, str]:
+    """{label: value} of the summary cards (unescaped)."""
+    found = re.findall(r'<div class="label">(.*?)</div><div class="value">(.*?)</div>', page)
+    return {html.unescape(label): html.unescape(value) for label, value in found}
+
+
 def make_png(path, seed):
     images = torch.rand(4, D, generator=torch.Generator().manual_seed(seed))
     return plots.plot_image_grid(images, SHAPE, path, ncols=2)
@@ -233,10 +329,13 @@ def test_report_is_self_contained_and_complete(run_dir):
     page = page_path.read_text(encoding="utf-8")
     for heading in ("Summary", "Evaluation", "Training", "Figures", "Configuration", "Manifest"):
         assert f">{heading}</h2>" in page
-    # Config values, escaped user text, eval numbers (mean ± stderr), manifest seed and versions.
+    # Config values, escaped user text, eval numbers, manifest seed and versions. This older eval.json has no
+    # Monte-Carlo s.e.: its "stderr" is over examples, so it gets its own row and no "±".
     assert "0.00123" in page and "data.name" in page and "mnist" in page
     assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
-    assert "-95.4321 ± 0.2468" in page and "-97.2500 ± 0.7500" in page and ">7<" in page
+    assert "-95.43" in page and "-97.25" in page and ">7<" in page and "±" not in page
+    assert row_value(page, "s.e. over examples (sampling of the test set)") == "0.2468"
+    assert re.search(r"s\.e\. over examples[^<]*</td><td class=\"num\">0\.7500<", page)  # the naive estimator
     assert ">123<" in page and torch.__version__ in page
     # Last-epoch table: means over the epoch's records, computed here independently.
     last_train = [r["kl"] for r in records if r["split"] == "train" and r["epoch"] == 3]
@@ -280,6 +379,122 @@ def test_report_survives_corrupt_files(tmp_path):
     page = write_report(run).read_text(encoding="utf-8")
     assert "eval.json could not be read" in page
     assert "1 unreadable line(s) in metrics.jsonl" in page and "1.5000" in page
+
+
+NEW_EVAL = {
+    "log_px": {"mean": -93.7, "mc_stderr": 0.01, "bias_estimate": -0.002, "sd_over_examples": 26.0,
+               "stderr_over_examples": 0.26, "ess_mean": 450.4, "ess_min": 3.1, "k": 5000, "n_examples": 10000,
+               "is_density": True},
+    "elbo": -95.1, "active_units": 12, "latent_dim": 20, "kl_per_dim": [0.5] * 12 + [0.001] * 8, "split": "test",
+    "dataset": "digits/test", "model": "vae", "seed": 0, "n_examples": 10000,
+}
+
+
+def report_page(tmp_path, evaluation, config=None, name="run") -> str:
+    run = tmp_path / name
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    if config is not None:
+        (run / "config.json").write_text(json.dumps(config))
+    return write_report(run).read_text(encoding="utf-8")
+
+
+def section(page: str, anchor: str) -> str:
+    start = page.index(f'<section id="{anchor}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_report_data_card_from_the_data_dict_of_config_json(tmp_path):
+    data = {"source": "digits", "binarize": "dynamic", "seed": 0, "val_size": None, "data_dir": None}
+    cards = summary_cards(report_page(tmp_path, NEW_EVAL, {"model": "vae", "data": data}))
+    assert cards["Data"] == "digits (binarize dynamic)" and cards["Model"] == "vae"
+    # A file source shows its file name (the full path as the card's tooltip); binarize "none" is left out.
+    data = {**data, "source": "/data/sets/faces.npz", "binarize": "none"}
+    page = report_page(tmp_path, NEW_EVAL, {"model": "vae", "data": data}, name="file")
+    assert summary_cards(page)["Data"] == "faces.npz" and 'title="/data/sets/faces.npz"' in page
+    assert summary_cards(report_page(tmp_path, {}, {"data": "mnist"}, name="old"))["Data"] == "mnist"
+
+
+def test_report_pairs_log_px_only_with_its_monte_carlo_stderr(tmp_path):
+    page = report_page(tmp_path, NEW_EVAL)
+    evaluation = section(page, "evaluation")
+    assert row_value(evaluation, "log p(x)") == "-93.700 ± 0.010 (MC s.e.)"
+    # Every "a ± b" on the page (summary card included) has the Monte-Carlo s.e. as b, never a spread over examples.
+    pairs = re.findall(r"(-?\d+\.\d+) ± (\d+\.\d+)", page)
+    assert pairs and all(b == "0.010" for _, b in pairs)
+    assert row_value(evaluation, "s.d. over examples") == "26.00"
+    assert row_value(evaluation, "s.e. over examples (sampling of the test set)") == "0.2600"
+    assert row_value(evaluation, "Estimated bias of the mean") == "-0.0020"
+    assert row_value(evaluation, "Effective sample size, mean over examples") == "450.4 of K = 5,000"
+    assert row_value(evaluation, "ELBO") == "-95.10"
+    # Grouped under human names, not a dump of dotted keys.
+    assert evaluation.index("<h3>log p(x) estimate</h3>") < evaluation.index("<h3>Latent diagnostics</h3>")
+    assert row_value(evaluation, "Active units") == "12 of 20"
+    assert "log_px.mean" not in page and "mc_stderr" not in page and "Other values" not in page
+    assert evaluation.count("data:image/png;base64,") == 1  # the KL-per-dimension chart
+
+
+def test_report_headline_card_is_log_px_not_ess(tmp_path):
+    cards = summary_cards(report_page(tmp_path, NEW_EVAL))
+    assert cards["test log p(x)"] == "-93.700 ± 0.010"
+    assert not any("ess" in label.lower() or "450" in value for label, value in cards.items())
+    # Keys ordered so that a search for "log_px" meets the ESS first, as in older reports.
+    reordered = {"log_px": {k: NEW_EVAL["log_px"][k] for k in ("ess_mean", "ess_min", "k", "mean", "mc_stderr")}}
+    assert summary_cards(report_page(tmp_path, reordered, name="b"))["test log p(x)"] == "-93.700 ± 0.010"
+    assert summary_cards(report_page(tmp_path, {"elbo": -95.1, "ess_mean": 3.0}, name="c"))["test ELBO"] == "-95.10"
+
+
+def test_report_reads_the_older_stderr_as_spread_over_examples(tmp_path):
+    page = report_page(tmp_path, {"log_px": {"mean": -95.4321, "stderr": 0.2468, "k": 100, "n_examples": 50}})
+    assert "±" not in page
+    assert row_value(page, "log p(x)") == "-95.43"
+    assert row_value(page, "s.e. over examples (sampling of the test set)") == "0.2468"
+    assert summary_cards(page)["test log p(x)"] == "-95.43"
+
+
+def test_report_flags_a_score_that_is_not_a_log_density(tmp_path):
+    note = "Bernoulli likelihood on grey-level data: a negative cross-entropy, not a log-density"
+    score = {**NEW_EVAL, "log_px": {**NEW_EVAL["log_px"], "is_density": False}, "log_px_note": note}
+    page = report_page(tmp_path, score, {"model": "vae", "model_config": {"likelihood": "bernoulli"}})
+    cards = summary_cards(page)
+    assert "test log p(x)" not in cards
+    assert cards["test Bernoulli score (not a log-density)"] == "-93.700 ± 0.010"
+    assert 'class="card warn"' in page
+    # The note sits next to the number: in the summary right after the cards, and above the evaluation table.
+    summary, evaluation = section(page, "summary"), section(page, "evaluation")
+    assert 'class="callout"' in summary and html.escape(note, quote=True) in summary
+    assert evaluation.index(html.escape(note, quote=True)) < evaluation.index("<table")
+    assert row_value(evaluation, "Bernoulli score (not a log-density)") == "-93.700 ± 0.010 (MC s.e.)"
+    # Without the likelihood in config.json, the note names it; a note alone also keeps "log p(x)" from standing bare.
+    assert "test Bernoulli score (not a log-density)" in summary_cards(report_page(tmp_path, score, name="b"))
+    only_note = {**NEW_EVAL, "log_px_note": "an approximation"}
+    page = report_page(tmp_path, only_note, name="c")
+    assert "test log p(x) (see note)" in summary_cards(page) and "an approximation" in section(page, "summary")
+    is_false = {**NEW_EVAL, "log_px": {**NEW_EVAL["log_px"], "is_density": False}}
+    page = report_page(tmp_path, is_false, name="d")
+    assert "test Score (not a log-density)" in summary_cards(page) and 'class="callout"' in page
+
+
+def test_report_shows_a_paired_comparison(tmp_path):
+    evaluation = {**NEW_EVAL, "compare": {"other_run": "runs/b", "mean_difference": 1.23, "stderr": 0.05,
+                                          "n_examples": 10000, "other_mean": -94.9}}
+    page = report_page(tmp_path, evaluation)
+    assert row_value(page, "Paired difference vs runs/b") == "+1.230 ± 0.050 (s.e. over 10,000 examples)"
+    assert row_value(page, "log p(x) of runs/b") == "-94.90"
+
+
+def test_report_groups_naive_estimate_model_metrics_and_unknown_keys(tmp_path):
+    evaluation = {**NEW_EVAL, "log_px_naive": {"mean": -99.5, "mc_stderr": None, "sd_over_examples": 30.0,
+                                               "stderr_over_examples": 0.3, "ess_mean": None, "k": 100},
+                  "active_units_per_group": {"z1": 5, "z2": 7}, "kl_per_group": {"z1": 3.0, "z2": 4.5},
+                  "model_metrics": {"cluster_accuracy": 0.91}, "kl_per_dim": None, "something_new": 4}
+    page = report_page(tmp_path, evaluation)
+    assert "<h3>Naive estimator (samples from the prior), for comparison</h3>" in page
+    assert row_value(page, "log p(x), naive estimate") == "-99.50"
+    assert row_value(page, "Active units, group z2") == "7" and row_value(page, "KL, group z1") == "3.0000"
+    assert "cluster accuracy" in page and "0.9100" in page
+    assert "<h3>Other values</h3>" in page and "something_new" in page
+    assert page.count("data:image/png;base64,") == 0  # no KL per dimension: no chart
 
 
 def test_report_missing_run_dir_is_a_checkpoint_error(tmp_path):
