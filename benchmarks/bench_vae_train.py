@@ -14,8 +14,8 @@ What each timed epoch includes:
   pythae   BaseTrainer.train (what TrainingPipeline runs) with a DataLoader over its BaseDataset, no eval set,
            its per-epoch best-model deepcopy and a checkpoint every epoch (steps_saving=1, like elbolab);
            its tqdm bar is disabled (TQDM_DISABLE=1) as elbolab's is.
-  elbolab+fused (optional, --only) the same Trainer with its optimiser replaced by torch.optim.Adam(fused=True):
-           measures the fix suggested for the training loop before it is made.
+  raw+fused the raw loop with torch.optim.Adam(fused=True), the optimiser elbolab's Trainer uses: the fair
+           baseline for the library's own per-step overhead.
   pyro     SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step per batch (Monte-Carlo KL, as Trace_ELBO does),
            plate + scale 1/B so the loss is a batch mean; Pyro's validation is off (grey-level targets).
 
@@ -40,26 +40,18 @@ HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784
 
 
 # ----- contenders: each returns (per-epoch wall-clock seconds, mean loss of the last epoch) -----
-def run_elbolab_fused(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
-    """What-if row: elbolab's Trainer with its optimiser swapped for torch's fused Adam (the suggested fix)."""
-    return run_elbolab(x, train_data, args, seed, scratch, fused_adam=True)
-
-
-def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, fused_adam: bool = False):
+def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
     from elbolab.models import get_model_class
     from elbolab.trainer import TrainConfig, Trainer
 
     torch.manual_seed(seed)
     cls = get_model_class("vae")
-    model = cls(cls.config_class(input_dim=INPUT_DIM, image_shape=(28, 28), latent_dim=LATENT, hidden=HIDDEN,
+    model = cls(cls.config_class(input_dim=INPUT_DIM, image_shape=(1, 28, 28), latent_dim=LATENT, hidden=HIDDEN,
                                  activation="relu", likelihood="bernoulli"))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
                          tensorboard=False)
     run_dir = Path(tempfile.mkdtemp(prefix="elbolab-", dir=scratch))
     trainer = Trainer(model, config, run_dir / "run", model_name="vae", data_info={"source": "mnist"})
-    if fused_adam and not any(g.get("fused") for g in trainer.optimizer.param_groups):
-        groups = [{"params": g["params"], "name": g.get("name")} for g in trainer.optimizer.param_groups]
-        trainer.optimizer = torch.optim.Adam(groups, lr=args.lr, eps=config.adam_eps, fused=True)
     starts: list[float] = []
     train_epoch = trainer._train_epoch
 
@@ -74,10 +66,14 @@ def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, fus
     return common.spans(starts[:-1], starts[1:]), history[-1]["loss"]
 
 
-def run_raw(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+def run_raw_fused(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    return run_raw(x, train_data, args, seed, scratch, fused=True)
+
+
+def run_raw(x: torch.Tensor, train_data, args, seed: int, scratch: Path, fused: bool = False):
     torch.manual_seed(seed)
     nets = common.MLPVAENets(INPUT_DIM, HIDDEN, LATENT, "relu")
-    optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr, fused=fused)
     durations, last = [], float("nan")
     for _ in range(args.epochs):
         start, total, steps = common.now(), 0.0, 0
@@ -174,7 +170,7 @@ def paired_ratio(mine: list[float] | None, theirs: list[float]) -> str:
     return f"{common.median([a / b for a, b in zip(mine, theirs)]):.2f}x"
 
 
-CONTENDERS = {"elbolab": (run_elbolab, None), "elbolab+fused": (run_elbolab_fused, None), "raw": (run_raw, None),
+CONTENDERS = {"elbolab": (run_elbolab, None), "raw+fused": (run_raw_fused, None), "raw": (run_raw, None),
               "pythae": (run_pythae, "pythae"),
               "pyro": (run_pyro, "pyro")}
 
@@ -190,9 +186,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     p.add_argument("--pythae-steps-saving", type=int, default=1, help="pythae checkpoint every N epochs (0 = never)")
-    p.add_argument("--only", default="elbolab,raw,pythae,pyro",
-                   help="comma-separated contenders; 'elbolab+fused' adds a what-if row: elbolab's Trainer with "
-                        "torch's fused Adam swapped in (a no-op once elbolab uses it)")
+    p.add_argument("--only", default="elbolab,raw,raw+fused,pythae,pyro", help="comma-separated contenders")
     p.add_argument("--scratch", default=None, help="folder for temporary run folders (default: system temp)")
     p.add_argument("--wait-load", type=float, default=0.0,
                    help="first wait until the 1-minute load average is below this (0 = do not wait)")
@@ -215,7 +209,7 @@ def main(argv=None):
     if args.train_size:
         train = type(train)(x=train.x[: args.train_size].contiguous(), y=train.y[: args.train_size],
                             image_shape=train.image_shape, binarize="none", name="mnist/train-subset")
-    x = train.x  # [N, 784] grey levels in [0, 1]
+    x = train.rows(torch.arange(len(train)))  # [N, 784] grey levels in [0, 1] (elbolab stores uint8)
     n = x.shape[0]
 
     names = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -278,7 +272,33 @@ def main(argv=None):
               "'paired' is the median over rounds of the ratio within a round (contenders run minutes apart, so this "
               "cancels slow load drifts). images / CPU-s uses this process's CPU time, less disturbed by other "
               "jobs on a shared machine (with several threads it also counts OpenMP spin-waiting)."]
+    lines += per_step_overhead(train, args)
     common.write_output(lines, args.out)
+
+
+def per_step_overhead(train, args, steps: int = 2000) -> list[str]:
+    """What the family core adds per step before the forward pass: a Batch (uint8 rows densified, labels, row
+    ids) instead of float rows x[index], and a StepContext with the schedules evaluated."""
+    from elbolab.models import ModelConfig, build_model
+    from elbolab.trainer import TrainConfig, Trainer
+
+    model = build_model("vae", ModelConfig(input_dim=INPUT_DIM, latent_dim=LATENT, hidden=HIDDEN))
+    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, kl_warmup_epochs=10, progress=False,
+                                         tensorboard=False), Path(tempfile.gettempdir()) / "unused", model_name="vae")
+    x = train.rows(torch.arange(len(train)))
+    index = torch.randperm(len(train))[: args.batch_size]
+    timings = {}
+    for name, fn in (("float rows x[index] (raw loop)", lambda: x[index]),
+                     ("Batch from uint8 storage (train.batch)", lambda: train.batch(index)),
+                     ("StepContext with a warm-up schedule", lambda: trainer.context(1.5))):
+        start = common.now()
+        for _ in range(steps):
+            fn()
+        wall, _ = common.span(start, common.now())
+        timings[name] = 1e6 * wall / steps
+    return ["", "Per-step cost of the core's contracts (microseconds, mean of "
+            f"{steps} calls, batch {args.batch_size}): "
+            + "; ".join(f"{name} {us:.1f} us" for name, us in timings.items())]
 
 
 if __name__ == "__main__":

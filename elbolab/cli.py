@@ -5,7 +5,6 @@ Errors from bad input are one line on stderr and exit code 2; ``--debug`` (anywh
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -41,14 +40,65 @@ def _parse_val_size(text: str | None) -> int | float | None:
             raise ElbolabError(f"expected --val-size as a count (1000) or a fraction (0.1), got {text!r}") from None
 
 
-@app.command("models")
-def models_command():
-    """List the registered models."""
-    from elbolab.models import available_models
+def _parse_assignments(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ElbolabError(f"expected {flag} KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
-    for name, cls in available_models().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        typer.echo(f"{name:14s} {doc}")
+
+def _parse_set(cls, pairs: list[str]) -> dict:
+    """``--set key=value`` -> typed model options, by the model config's field types (listed by 'models NAME')."""
+    import typing
+
+    fields = {f.name: f for f in cls.config_class.option_fields()}
+    hints = typing.get_type_hints(cls.config_class)
+    options = {}
+    for key, text in _parse_assignments(pairs, "--set").items():
+        if key not in fields:
+            raise ElbolabError(f"--set {key}: model {cls.registry_name!r} has no such option; expected one of "
+                               f"{sorted(fields)} (see 'elbolab models {cls.registry_name}')")
+        kind = typing.get_origin(hints[key]) or hints[key]
+        try:
+            if kind is bool or hints[key] is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                options[key] = text.lower() in ("true", "1", "yes")
+            elif kind is int:
+                options[key] = int(text)
+            elif kind is float:
+                options[key] = float(text)
+            elif kind is tuple:
+                options[key] = _parse_hidden(text) if key == "hidden" else tuple(int(v) for v in text.split(","))
+            else:
+                options[key] = text
+        except ValueError:
+            raise ElbolabError(f"--set {key}: expected {getattr(kind, '__name__', kind)}, got {text!r}") from None
+    return options
+
+
+@app.command("models")
+def models_command(name: str = typer.Argument(None, help="a model name: list its options")):
+    """List the registered models, or one model's options (for --set KEY=VALUE)."""
+    import typing
+
+    from elbolab.models import available_models, get_model_class
+
+    if name is None:
+        for model_name, cls in available_models().items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            typer.echo(f"{model_name:14s} {doc}")
+        return
+    cls = get_model_class(name)
+    typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    typer.echo(f"options (elbolab train {name} --set KEY=VALUE; the common ones also have their own flags):")
+    hints = typing.get_type_hints(cls.config_class)
+    for f in cls.config_class.option_fields():
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        typer.echo(f"  {f.name:20s} {kind:10s} default {f.default!r:12s} {f.metadata.get('help', '')}")
 
 
 @app.command("train")
@@ -63,7 +113,8 @@ def train_command(
     hidden: str = typer.Option("400", help="hidden layer sizes, e.g. 400,400"),
     activation: str = typer.Option("relu", help="relu | tanh | elu | softplus | gelu"),
     arch: str = typer.Option("mlp", help="mlp | conv"),
-    likelihood: str = typer.Option("bernoulli", help="bernoulli | gaussian | gaussian-learned | gaussian-decoder"),
+    likelihood: str = typer.Option("bernoulli", help="bernoulli | continuous-bernoulli | gaussian | "
+                                                    "gaussian-learned | gaussian-decoder"),
     sigma: float = typer.Option(1.0, help="standard deviation of the fixed Gaussian likelihood"),
     encoder_covariance: str = typer.Option("diag", "--encoder-covariance", help="diag | full"),
     epochs: int = typer.Option(10),
@@ -74,23 +125,49 @@ def train_command(
     kl_warmup: float = typer.Option(0.0, "--kl-warmup", help="epochs of linear KL warm-up from 0 to beta"),
     mc_samples: int = typer.Option(1, "--mc-samples", help="L Monte-Carlo samples per data point"),
     seed: int = typer.Option(0),
+    set_options: list[str] = typer.Option(None, "--set", help="a model option KEY=VALUE (repeatable); "
+                                                              "'elbolab models NAME' lists them"),
+    schedule: list[str] = typer.Option(None, "--schedule", help="NAME=SPEC (repeatable): constant:v, "
+                                       "linear:v0:v1:epochs[:start], cyclical:vmax:period:ratio; e.g. "
+                                       "free_bits=constant:0.25 or beta=cyclical:1:10:0.5"),
+    init_from: Path = typer.Option(None, "--init-from", help="copy the matching weights of a trained run first"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard"),
 ):
     """Train a model and write a run folder with weights, metrics, figures and a report."""
     from elbolab import pipeline
+    from elbolab.models import get_model_class
 
+    options = dict(latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation, architecture=arch,
+                   likelihood=likelihood, sigma=sigma, encoder_covariance=encoder_covariance)
+    options.update(_parse_set(get_model_class(model), set_options))
     run = pipeline.train(
         model, data, out=out, data_dir=data_dir, binarize=binarize, val_size=_parse_val_size(val_size),
-        latent_dim=latent_dim,
-        hidden=_parse_hidden(hidden), activation=activation, architecture=arch, likelihood=likelihood, sigma=sigma,
-        encoder_covariance=encoder_covariance, epochs=epochs, batch_size=batch_size, lr=lr, adam_eps=adam_eps,
-        beta=beta, kl_warmup_epochs=kl_warmup, mc_samples=mc_samples, seed=seed, resume=resume,
-        progress=progress, tensorboard=tensorboard,
+        epochs=epochs, batch_size=batch_size, lr=lr, adam_eps=adam_eps, beta=beta, kl_warmup_epochs=kl_warmup,
+        mc_samples=mc_samples, seed=seed, schedules=_parse_assignments(schedule, "--schedule"),
+        init_from=init_from, resume=resume, progress=progress, tensorboard=tensorboard, **options,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run written to {run}  (report: {run / 'index.html'})")
+
+
+def _headline(result: dict) -> str:
+    """One line: what log p(x) is, its Monte-Carlo s.e., K and the number of examples."""
+    log_px = result["log_px"]
+    name = "log p(x)" if log_px.get("is_density", True) else "Bernoulli score (not a log-density)"
+    line = (f"{result.get('split', 'test')} {name} = {log_px['mean']:.2f} nats, Monte-Carlo s.e. "
+            f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}, {log_px['n_examples']:,} examples; s.d. over examples "
+            f"{log_px['sd_over_examples'] or 0:.2f})")
+    if "elbo" in result:
+        line += f"; ELBO {result['elbo']:.2f}"
+    if "compare" in result:
+        c = result["compare"]
+        line += (f"\npaired difference vs {c['other_run']}: {c['mean_difference']:+.3f} +- {c['stderr'] or 0:.3f} "
+                 f"nats (s.e. over {c['n_examples']:,} examples)")
+    if result.get("log_px_note"):
+        line += f"\nnote: {result['log_px_note']}"
+    return line
 
 
 @app.command("eval")
@@ -99,16 +176,19 @@ def eval_command(
     iw_samples: int = typer.Option(5000, "--iw-samples", help="K importance samples per example"),
     split: str = typer.Option("test", help="test | train | val"),
     naive_samples: int = typer.Option(0, "--naive-samples", help="also the prior-sampling estimator with this K"),
+    compare: Path = typer.Option(None, "--compare", help="another run: the paired difference of log p(x) on the "
+                                                         "same examples"),
     data_dir: Path = typer.Option(None, "--data-dir"),
     seed: int = typer.Option(0),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Importance-sampled log p(x), ELBO, active units; writes RUN_DIR/eval.json and prints it."""
+    """Importance-sampled log p(x) with its Monte-Carlo s.e., ELBO, active units; writes RUN_DIR/eval.json."""
     from elbolab import pipeline
 
     result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
-                               data_dir=data_dir, seed=seed, progress=progress)
-    typer.echo(json.dumps(result, indent=2))
+                               data_dir=data_dir, seed=seed, progress=progress, compare=compare)
+    typer.echo(_headline(result))
+    typer.echo(f"written to {Path(run_dir) / 'eval.json'}")
 
 
 @app.command("sample")
@@ -141,7 +221,7 @@ def demo_command(
     epochs: int = typer.Option(100),
     iw_samples: int = typer.Option(1000, "--iw-samples"),
 ):
-    """Train a 2-D-latent VAE on scikit-learn's digits (offline), evaluate it and write its report."""
+    """Train a 2-D-latent VAE on binarised scikit-learn digits (offline), evaluate it and write its report."""
     from elbolab import pipeline
 
     out = Path(out)
@@ -150,13 +230,12 @@ def demo_command(
         while Path(f"{out}-{stamp}").exists():
             stamp += 1
         out = Path(f"{out}-{stamp}")  # never overwrite an earlier demo
+    # dynamically binarised digits: the Bernoulli likelihood is then a true log-likelihood of binary images
     run = pipeline.train("vae", "digits", out=out, latent_dim=2, hidden=(256, 128), epochs=epochs, batch_size=64,
-                         lr=3e-3, seed=0, tensorboard=False)
+                         lr=3e-3, seed=0, binarize="dynamic", tensorboard=False)
     result = pipeline.evaluate(run, k=iw_samples, naive_k=iw_samples)
     pipeline.report(run)
-    log_px = result["log_px"]
-    typer.echo(f"test log p(x) ~ {log_px['mean']:.2f} +- {log_px['stderr']:.2f} nats (K={iw_samples}), "
-               f"ELBO {result['elbo']:.2f}")
+    typer.echo(_headline(result))
     typer.echo(f"report: {(run / 'index.html').resolve()}")
 
 

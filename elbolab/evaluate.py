@@ -23,36 +23,65 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
+from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
+from elbolab.schedules import StepContext
 
 # Size of one [k_chunk, B, width] float32 block (decoder output, log-prob temporaries); the evaluator holds a
 # handful of such blocks at once. Measured on a 784-400-20 VAE at K = 5000 (2-core CPU, interleaved runs): blocks of
 # 4-8 MB (1250-2500 samples x 784 pixels) ran ~1.5x faster than 16-64 MB ones, whose temporaries leave the cache.
 BLOCK_BYTES = 8 * 2**20
 
-LogWeightFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_batch [B, D], k_chunk) -> log weights [k_chunk, B]
+LogWeightFn = Callable[[Batch, int], torch.Tensor]  # (batch of B examples, k_chunk) -> log weights [k_chunk, B]
 
 
 @dataclass(frozen=True)
 class LogLikelihoodEstimate:
-    """An estimate of log p(x) per example and its summary over the examples (in nats)."""
+    """An estimate of log p(x) per example and its summary over the examples (in nats).
 
-    mean: float  # mean over examples of the log p(x) estimates
-    stderr: float  # standard error of that mean over examples (spread of log p(x) across x, plus MC noise)
+    Two different uncertainties, named for what they are:
+
+    * ``mc_stderr``: the Monte-Carlo standard error of ``mean`` (how much it would move with other importance
+      samples, for these examples). Delta method: per example Var(log p^_K) ~ 1/ESS_i - 1/K, so
+      mc_stderr = sqrt(sum_i (1/ESS_i - 1/K)) / N. ``bias_estimate`` = -1/2 mean_i (1/ESS_i - 1/K) is the
+      estimated (downward) bias of the same mean. Optimistic when the weights are heavy-tailed at small K.
+    * ``sd_over_examples`` and ``stderr_over_examples`` = sd / sqrt(N): the spread of log p(x) across examples,
+      which says how much the mean would move with another test set, not whether K is large enough. Two models
+      are compared on the same examples by a paired difference (``paired_difference``).
+    """
+
+    mean: float
+    mc_stderr: float  # nan for the naive estimator (no ESS)
+    bias_estimate: float
+    sd_over_examples: float
+    stderr_over_examples: float
     ess_mean: float  # mean Kish effective sample size of the importance weights; nan for the naive estimator
+    ess_min: float
     k: int
     n_examples: int
     per_example: torch.Tensor  # [N] float64
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (no per-example values); nan (no ESS, or one example's stderr) becomes None."""
+        """JSON-ready summary (no per-example values); nan becomes None."""
         def finite_or_none(v: float) -> float | None:
             return v if math.isfinite(v) else None
 
-        return {"mean": finite_or_none(self.mean), "stderr": finite_or_none(self.stderr),
-                "ess_mean": finite_or_none(self.ess_mean), "k": self.k, "n_examples": self.n_examples}
+        keys = ("mean", "mc_stderr", "bias_estimate", "sd_over_examples", "stderr_over_examples", "ess_mean",
+                "ess_min")
+        return {**{key: finite_or_none(getattr(self, key)) for key in keys}, "k": self.k,
+                "n_examples": self.n_examples}
+
+
+def paired_difference(mine: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Mean of the per-example differences ``mine - theirs`` ([N] each, same examples) and its standard error."""
+    if mine.shape != theirs.shape:
+        raise ElbolabError(f"a paired difference needs the same examples, got {mine.shape[0]} and {theirs.shape[0]}")
+    diff = (mine - theirs).double()
+    n = diff.shape[0]
+    stderr = float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean_difference": float(diff.mean()), "stderr": stderr if math.isfinite(stderr) else None,
+            "n_examples": n, "other_mean": float(theirs.double().mean())}
 
 
 def _model_tensor(model: nn.Module) -> torch.Tensor:
@@ -62,9 +91,12 @@ def _model_tensor(model: nn.Module) -> torch.Tensor:
     return param
 
 
-def _check_inputs(model: nn.Module, x, k: int, batch_size, chunk_size) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ElbolabError(f"expected x as a torch.Tensor [N, D], got {type(x).__name__}; try torch.as_tensor(x)")
+def _check_inputs(model: nn.Module, data, k: int, batch_size, chunk_size) -> Batch:
+    if not isinstance(data, (torch.Tensor, Batch)):
+        raise ElbolabError(f"expected x as a torch.Tensor [N, D] or a Batch, got {type(data).__name__}; "
+                           "try torch.as_tensor(x)")
+    batch = as_batch(data)
+    x = batch.x
     input_dim = getattr(getattr(model, "config", None), "input_dim", None)
     if x.dim() != 2 or x.shape[0] < 1 or (input_dim is not None and x.shape[1] != input_dim):
         raise ElbolabError(
@@ -79,7 +111,7 @@ def _check_inputs(model: nn.Module, x, k: int, batch_size, chunk_size) -> torch.
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ElbolabError(f"expected {name} to be a positive integer, got {value!r}")
-    return x
+    return batch
 
 
 def _sample_width(model: nn.Module) -> int:
@@ -107,12 +139,12 @@ def plan_chunks(n: int, k: int, width: int, batch_size: int | None = None, chunk
 
 
 @torch.no_grad()
-def _chunked_log_mean_exp(model: nn.Module, x: torch.Tensor, log_weight_fn: LogWeightFn, *, k: int,
+def _chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeightFn, *, k: int,
                           batch_size: int | None, chunk_size: int | None, progress: bool,
                           desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """log 1/K sum_k w_k and Kish's ESS per example, ``[N]`` float64 each, from chunks of log weights."""
     param = _model_tensor(model)
-    n = x.shape[0]
+    n = len(batch)
     batch_size, chunk_size = plan_chunks(n, k, _sample_width(model), batch_size, chunk_size)
     log_mean = torch.empty(n, dtype=torch.float64)
     ess = torch.empty(n, dtype=torch.float64)
@@ -125,16 +157,17 @@ def _chunked_log_mean_exp(model: nn.Module, x: torch.Tensor, log_weight_fn: LogW
 
             starts = tqdm(starts, desc=desc, unit="batch", total=math.ceil(n / batch_size))
         for start in starts:
-            xb = x[start:start + batch_size].to(device=param.device, dtype=param.dtype)  # [B, D]
-            lse_w = torch.full((xb.shape[0],), -math.inf, dtype=torch.float64)  # running logsumexp of log w
+            part = batch[start:start + batch_size].to(param)  # B examples
+            lse_w = torch.full((len(part),), -math.inf, dtype=torch.float64)  # running logsumexp of log w
             lse_2w = lse_w.clone()  # running logsumexp of 2 log w (for the ESS)
             for done in range(0, k, chunk_size):
-                log_w = log_weight_fn(xb, min(chunk_size, k - done))  # [k_chunk, B]
+                log_w = log_weight_fn(part, min(chunk_size, k - done))  # [k_chunk, B]
                 log_w = log_w.to(device="cpu", dtype=torch.float64)
                 lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
                 lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
-            log_mean[start:start + xb.shape[0]] = lse_w - math.log(k)
-            ess[start:start + xb.shape[0]] = torch.exp(2 * lse_w - lse_2w)
+            log_mean[start:start + len(part)] = lse_w - math.log(k)
+            # Kish's ESS (sum w)^2 / sum w^2 from running sums: effective_sample_size over chunks
+            ess[start:start + len(part)] = torch.exp(2 * lse_w - lse_2w)
     finally:
         model.train(was_training)
     if torch.isnan(log_mean).any():
@@ -147,9 +180,15 @@ def _chunked_log_mean_exp(model: nn.Module, x: torch.Tensor, log_weight_fn: LogW
 
 def _summary(per_example: torch.Tensor, ess: torch.Tensor | None, k: int) -> LogLikelihoodEstimate:
     n = per_example.shape[0]
-    stderr = float(per_example.std() / math.sqrt(n)) if n > 1 else math.nan
-    ess_mean = float(ess.mean()) if ess is not None else math.nan
-    return LogLikelihoodEstimate(float(per_example.mean()), stderr, ess_mean, k, n, per_example)
+    sd = float(per_example.std()) if n > 1 else math.nan
+    if ess is not None:
+        variance = (ess.reciprocal() - 1.0 / k).clamp_min(0.0)  # [N] delta-method variance of each log p^_K
+        mc_stderr, bias = float(variance.sum().sqrt() / n), float(-0.5 * variance.mean())
+        ess_mean, ess_min = float(ess.mean()), float(ess.min())
+    else:
+        mc_stderr = bias = ess_mean = ess_min = math.nan
+    return LogLikelihoodEstimate(float(per_example.mean()), mc_stderr, bias, sd, sd / math.sqrt(n), ess_mean,
+                                 ess_min, k, n, per_example)
 
 
 def _no_likelihood_error(model: nn.Module, cause: Exception) -> ElbolabError:
@@ -160,39 +199,41 @@ def _no_likelihood_error(model: nn.Module, cause: Exception) -> ElbolabError:
     )
 
 
-def importance_sampled_log_px(model: nn.Module, x: torch.Tensor, *, k: int = 5000, batch_size: int | None = None,
+def importance_sampled_log_px(model: nn.Module, data, *, k: int = 5000, batch_size: int | None = None,
                               chunk_size: int | None = None, progress: bool = False) -> LogLikelihoodEstimate:
-    """log p(x) ~= log 1/K sum_k p(x, z_k)/q(z_k|x), z_k ~ q(z|x), per example; uses ``model.log_importance_weights``.
+    """log p(x) ~= log 1/K sum_k p(x, z_k)/q(z_k|x), z_k ~ q(z|x), per example; uses ``model.importance_samples``.
 
-    ``batch_size`` examples and ``chunk_size`` samples are processed at a time (chosen from ``BLOCK_BYTES`` when
-    None); the result does not depend on them except through the random draws.
+    ``data`` is a Batch (or a tensor [N, D]). ``batch_size`` examples and ``chunk_size`` samples are processed at
+    a time (chosen from ``BLOCK_BYTES`` when None); the result does not depend on them except through the draws.
     """
-    x = _check_inputs(model, x, k, batch_size, chunk_size)
+    batch = _check_inputs(model, data, k, batch_size, chunk_size)
     try:
-        log_mean, ess = _chunked_log_mean_exp(model, x, model.log_importance_weights, k=k, batch_size=batch_size,
-                                              chunk_size=chunk_size, progress=progress, desc="log p(x) (IS)")
+        log_mean, ess = _chunked_log_mean_exp(model, batch, lambda b, kc: model.importance_samples(b, kc)[1], k=k,
+                                              batch_size=batch_size, chunk_size=chunk_size, progress=progress,
+                                              desc="log p(x) (IS)")
     except NotImplementedError as err:
         raise _no_likelihood_error(model, err) from None
     return _summary(log_mean, ess, k)
 
 
-def naive_log_px(model: nn.Module, x: torch.Tensor, *, k: int = 5000, batch_size: int | None = None,
+def naive_log_px(model: nn.Module, data, *, k: int = 5000, batch_size: int | None = None,
                  chunk_size: int | None = None, progress: bool = False) -> LogLikelihoodEstimate:
     """log p(x) ~= log 1/K sum_k p(x | z_k), z_k ~ p(z) independently for every example (prior sampling)."""
-    x = _check_inputs(model, x, k, batch_size, chunk_size)
+    batch = _check_inputs(model, data, k, batch_size, chunk_size)
     if not hasattr(model, "prior") or not hasattr(model, "decode"):
         raise _no_likelihood_error(model, TypeError("no prior() or decode()"))
 
-    def log_px_given_prior_z(xb: torch.Tensor, k_chunk: int) -> torch.Tensor:
-        z = model.prior().sample((k_chunk, xb.shape[0]))  # [k_chunk, B, d]
-        return model.decode(z).log_prob(xb)  # [k_chunk, B]
+    def log_px_given_prior_z(b: Batch, k_chunk: int) -> torch.Tensor:
+        prior = model.prior(b)
+        z = prior.sample((k_chunk,) if prior.batch_shape else (k_chunk, len(b)))  # [k_chunk, B, d]
+        return model.decode(z, b).log_prob(b.x)  # [k_chunk, B]
 
-    log_mean, _ = _chunked_log_mean_exp(model, x, log_px_given_prior_z, k=k, batch_size=batch_size,
+    log_mean, _ = _chunked_log_mean_exp(model, batch, log_px_given_prior_z, k=k, batch_size=batch_size,
                                         chunk_size=chunk_size, progress=progress, desc="log p(x) (naive)")
     return _summary(log_mean, None, k)
 
 
-def _batched(model: nn.Module, x: torch.Tensor, batch_size: int, fn) -> list:
+def _batched(model: nn.Module, batch: Batch, batch_size: int, fn) -> list:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ElbolabError(f"expected batch_size to be a positive integer, got {batch_size!r}")
     param = _model_tensor(model)
@@ -200,93 +241,114 @@ def _batched(model: nn.Module, x: torch.Tensor, batch_size: int, fn) -> list:
     model.eval()
     try:
         with torch.no_grad():
-            return [fn(x[i:i + batch_size].to(device=param.device, dtype=param.dtype))
-                    for i in range(0, x.shape[0], batch_size)]
+            return [fn(batch[i:i + batch_size].to(param)) for i in range(0, len(batch), batch_size)]
     finally:
         model.train(was_training)
 
 
-def active_units(model: nn.Module, x: torch.Tensor, *, threshold: float = 0.01,
+def _per_group(model: nn.Module, batch: Batch, batch_size: int, hook: str) -> dict[str, torch.Tensor] | None:
+    """A per-group hook (``latent_means`` or ``kl_terms``) over the whole batch: {group: [N, d_g]} float64."""
+    parts = _batched(model, batch, batch_size, getattr(model, hook))
+    if any(part is None for part in parts):
+        return None
+    return {group: torch.cat([part[group].double().cpu() for part in parts]) for group in parts[0]}
+
+
+def active_units_per_group(model: nn.Module, data, *, threshold: float = 0.01,
+                           batch_size: int = 1000) -> dict[str, tuple[int, torch.Tensor]]:
+    """Burda et al. 2016 s5.2 per latent group: unit u is active if Cov_x(E_{q(z|x)}[z_u]) > threshold.
+
+    Returns {group: (number of active units, per-dimension variance [d_g] float64, unbiased over x)}."""
+    batch = _check_inputs(model, data, 1, batch_size, None)
+    result = {}
+    for group, means in _per_group(model, batch, batch_size, "latent_means").items():
+        variance = means.var(0) if means.shape[0] > 1 else torch.zeros(means.shape[1], dtype=torch.float64)
+        result[group] = (int((variance > threshold).sum()), variance)
+    return result
+
+
+def active_units(model: nn.Module, data, *, threshold: float = 0.01,
                  batch_size: int = 1000) -> tuple[int, torch.Tensor]:
-    """Burda et al. 2016 s5.2: unit u is active if Cov_x(E_{q(z|x)}[z_u]) > threshold.
-
-    Returns the number of active units and the per-dimension variance ``[d]`` (float64, unbiased over x).
-    """
-    x = _check_inputs(model, x, 1, batch_size, None)
-    means = torch.cat(_batched(model, x, batch_size, lambda xb: model.latent_mean(xb).double().cpu()))  # [N, d]
-    variance = means.var(0) if means.shape[0] > 1 else torch.zeros(means.shape[1], dtype=torch.float64)
-    return int((variance > threshold).sum()), variance
+    """Active units over all latent groups: (count, per-dimension variance [d] float64)."""
+    groups = active_units_per_group(model, data, threshold=threshold, batch_size=batch_size)
+    return sum(count for count, _ in groups.values()), torch.cat([v for _, v in groups.values()])
 
 
-def _normal_marginals(dist, what: str) -> Normal:
-    """The one-dimensional marginals N(mu_j, sigma_j^2) of a diagonal or full-covariance Gaussian."""
-    if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1:
-        return dist.base_dist
-    if isinstance(dist, MultivariateNormal):
-        return Normal(dist.loc, dist.variance.sqrt())
-    raise ElbolabError(
-        f"KL per dimension: expected a Gaussian {what} (Independent Normal or MultivariateNormal), got "
-        f"{type(dist).__name__}; this diagnostic needs Gaussian marginals"
-    )
-
-
-def kl_per_dimension(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
-    """Mean over x of KL(q(z_j|x) || p(z_j)) for each latent dimension j, ``[d]`` float64.
+def kl_per_dimension(model: nn.Module, data, *, batch_size: int = 1000) -> torch.Tensor:
+    """Mean over x of KL(q(z_j|x) || p(z_j)) for each latent dimension j (all groups), ``[d]`` float64.
 
     For a diagonal q this sums to the mean KL(q(z|x) || p(z)); for a full-covariance q the marginals
     N(mu_j, Sigma_jj) are used, and the sum then leaves out the correlation part of the KL.
     """
-    x = _check_inputs(model, x, 1, batch_size, None)
-
-    def batch_kl(xb):
-        q = _normal_marginals(model.encode(xb), "q(z|x)")
-        p = _normal_marginals(model.prior(), "prior p(z)")
-        return kl_divergence(q, p).double().sum(0).cpu()  # [d], summed over the batch
-
-    return torch.stack(_batched(model, x, batch_size, batch_kl)).sum(0) / x.shape[0]
+    batch = _check_inputs(model, data, 1, batch_size, None)
+    groups = _per_group(model, batch, batch_size, "kl_terms")
+    if groups is None:
+        raise ElbolabError(f"{type(model).__name__} defines no per-dimension KL (a non-Gaussian q or prior)")
+    return torch.cat([kl.mean(0) for kl in groups.values()])
 
 
-def _mean_elbo(model: nn.Module, x: torch.Tensor, batch_size: int) -> float | None:
-    per_batch = _batched(model, x, batch_size, lambda xb: model.loss(xb, mc_samples=1).metrics.get("elbo"))
+def _mean_elbo(model: nn.Module, batch: Batch, batch_size: int) -> float | None:
+    per_batch = _batched(model, batch, batch_size, lambda b: model(b, StepContext()).metrics.get("elbo"))
     if any(values is None for values in per_batch):  # a model that reports no ELBO
         return None
     return float(torch.cat([values.double().cpu() for values in per_batch]).mean())
 
 
-def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None = None, seed: int = 0,
-                   progress: bool = False, batch_size: int = 1000) -> dict:
-    """Everything ``elbolab eval`` reports, as a JSON-ready dict.
+def _density_note(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why log p(x) is not a log-density of these data, or None when it is."""
+    head = getattr(model, "likelihood_head", None)
+    scores_density = getattr(head, "scores_density", None)
+    if scores_density is None or scores_density(x):
+        return None
+    return (f"the {model.config.likelihood} likelihood on data outside its support (e.g. Bernoulli on grey levels) "
+            "gives a score, a negative cross-entropy, not a log-density; binarise the data (--binarize dynamic) or "
+            "use --likelihood continuous-bernoulli for a true log-likelihood")
 
-    ``data`` has ``.x`` ``[N, D]`` and ``.batch(index, generator)``; ONE binarisation of the whole set is drawn
+
+def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None = None, seed: int = 0,
+                   progress: bool = False, batch_size: int = 1000, return_per_example: bool = False):
+    """Everything ``elbolab eval`` reports, as a JSON-ready dict; with ``return_per_example`` also the per-example
+    log p(x) estimates ``[N]`` (for paired comparisons), as ``(dict, tensor)``.
+
+    ``data`` has ``.batch(index, generator)`` and a length; ONE binarisation of the whole set is drawn
     with ``torch.Generator().manual_seed(seed)`` so that every estimate sees the same images. The random draws of
     the estimators come from torch's global generator seeded with ``seed`` inside a forked RNG state, so the result
     is reproducible and the caller's RNG state is left untouched.
     """
-    if not hasattr(data, "x") or not hasattr(data, "batch"):
-        raise ElbolabError(f"expected data with .x [N, D] and .batch(index, generator), got {type(data).__name__}")
-    n = int(data.x.shape[0])
-    x = data.batch(torch.arange(n), torch.Generator().manual_seed(seed))
-    _check_inputs(model, x, k, None, None)
-    try:
-        model.encode(x[:1].to(_model_tensor(model)))
-    except (NotImplementedError, ElbolabError) as err:
-        raise _no_likelihood_error(model, err) from None
-
+    if not hasattr(data, "batch") or not hasattr(data, "__len__"):
+        raise ElbolabError(f"expected data with .batch(index, generator) and a length, got {type(data).__name__}")
+    n = len(data)
+    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed))
+    _check_inputs(model, batch, k, None, None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        result: dict = {"log_px": importance_sampled_log_px(model, x, k=k, progress=progress).to_dict()}
+        estimate = importance_sampled_log_px(model, batch, k=k, progress=progress)
+        result: dict = {"log_px": estimate.to_dict()}
         if naive_k:
-            result["log_px_naive"] = naive_log_px(model, x, k=naive_k, progress=progress).to_dict()
-        elbo = _mean_elbo(model, x, batch_size)
+            result["log_px_naive"] = naive_log_px(model, batch, k=naive_k, progress=progress).to_dict()
+        elbo = _mean_elbo(model, batch, batch_size)
+    note = _density_note(model, batch.x)
+    result["log_px"]["is_density"] = note is None
+    result["log_px"]["is_exact_estimate"] = bool(getattr(model, "log_px_is_exact_estimate", True))
+    if note is not None:
+        result["log_px_note"] = note
+    elif not result["log_px"]["is_exact_estimate"]:
+        result["log_px_note"] = ("this model's importance weights use an approximate density (e.g. a learned "
+                                 "density ratio): log p(x) is an approximation, neither a bound nor unbiased")
     if elbo is not None:
         result["elbo"] = elbo
-    count, _ = active_units(model, x, batch_size=batch_size)
-    result["active_units"] = count
-    result["latent_dim"] = int(model.config.latent_dim)
-    try:
-        result["kl_per_dim"] = [float(v) for v in kl_per_dimension(model, x, batch_size=batch_size)]
-    except ElbolabError:
-        result["kl_per_dim"] = None  # non-Gaussian q or prior (e.g. a mixture prior): no per-dimension KL
+    groups = active_units_per_group(model, batch, batch_size=batch_size)
+    result["active_units"] = sum(count for count, _ in groups.values())
+    result["latent_dim"] = sum(int(v.shape[0]) for _, v in groups.values())
+    if len(groups) > 1:
+        result["active_units_per_group"] = {g: count for g, (count, _) in groups.items()}
+    kl_groups = _per_group(model, batch, batch_size, "kl_terms")
+    result["kl_per_dim"] = None if kl_groups is None else [float(v) for g in kl_groups.values() for v in g.mean(0)]
+    if kl_groups is not None and len(kl_groups) > 1:
+        result["kl_per_group"] = {g: float(kl.sum(1).mean()) for g, kl in kl_groups.items()}
+    metrics = model.eval_metrics(data, estimate.per_example) if hasattr(model, "eval_metrics") else {}
+    if metrics:
+        result["model_metrics"] = metrics
     result["n_examples"] = n
     result["seed"] = seed
-    return result
+    return (result, estimate.per_example) if return_per_example else result

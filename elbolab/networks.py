@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from elbolab.errors import ElbolabError
 
@@ -38,22 +38,25 @@ def mlp(sizes: Sequence[int], act: str = "relu", final_activation: bool = False)
     return nn.Sequential(*layers)
 
 
-def _check_conv_shape(image_shape):
-    if image_shape is None or len(image_shape) != 2 or image_shape[0] % 4 or image_shape[1] % 4:
+def _check_conv_shape(image_shape) -> tuple[int, int, int]:
+    """(C, H, W) with H and W divisible by 4; (H, W) is read as one channel."""
+    shape = tuple(image_shape or ())
+    shape = (1, *shape) if len(shape) == 2 else shape
+    if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
         raise ElbolabError(
             f"expected images with height and width divisible by 4 for the conv architecture, got {image_shape}; "
             "try --arch mlp"
         )
+    return shape
 
 
-def conv_encoder_body(image_shape: tuple[int, int], act: str = "relu", channels=(32, 64)) -> tuple[nn.Module, int]:
-    """Two stride-2 convolutions: [B, H*W] -> [B, C * H/4 * W/4]. Returns the module and its output width."""
-    _check_conv_shape(image_shape)
-    h, w = image_shape
+def conv_encoder_body(image_shape, act: str = "relu", channels=(32, 64)) -> tuple[nn.Module, int]:
+    """Two stride-2 convolutions: [B, C*H*W] -> [B, c2 * H/4 * W/4]. Returns the module and its output width."""
+    c, h, w = _check_conv_shape(image_shape)
     c1, c2 = channels
     body = nn.Sequential(
-        nn.Unflatten(-1, (1, h, w)),
-        nn.Conv2d(1, c1, 4, stride=2, padding=1), activation(act),
+        nn.Unflatten(-1, (c, h, w)),
+        nn.Conv2d(c, c1, 4, stride=2, padding=1), activation(act),
         nn.Conv2d(c1, c2, 4, stride=2, padding=1), activation(act),
         nn.Flatten(),
     )
@@ -61,24 +64,23 @@ def conv_encoder_body(image_shape: tuple[int, int], act: str = "relu", channels=
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of ``conv_encoder_body``: [..., latent] -> [..., outputs * H * W]."""
+    """Mirror of ``conv_encoder_body``: [..., latent] -> [..., outputs * C * H * W] (channel-major per output)."""
 
     def __init__(self, latent_dim: int, image_shape, outputs: int = 1, act: str = "relu", channels=(64, 32)):
         super().__init__()
-        _check_conv_shape(image_shape)
-        h, w = image_shape
+        c, h, w = _check_conv_shape(image_shape)
         c1, c2 = channels
         self.start = (c1, h // 4, w // 4)
         self.fc = nn.Sequential(nn.Linear(latent_dim, c1 * (h // 4) * (w // 4)), activation(act))
         self.deconv = nn.Sequential(
             nn.ConvTranspose2d(c1, c2, 4, stride=2, padding=1), activation(act),
-            nn.ConvTranspose2d(c2, outputs, 4, stride=2, padding=1),
+            nn.ConvTranspose2d(c2, outputs * c, 4, stride=2, padding=1),
         )
 
     def forward(self, z):
         lead = z.shape[:-1]  # e.g. [L, B]
         h = self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start)
-        out = self.deconv(h)  # [N, outputs, H, W]
+        out = self.deconv(h)  # [N, outputs * C, H, W]
         return out.reshape(*lead, -1)
 
 
@@ -117,7 +119,35 @@ def standard_normal_prior(latent_dim: int, like: torch.Tensor) -> Independent:
     return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
 
 
-def gaussian_log_abs_det_jacobian(q: MultivariateNormal) -> torch.Tensor:
-    """log|det dz/deps| of z = mu + L eps: the sum of log L_ii. Shape [B]."""
-    return q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+def precision_weighted_merge(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor,
+                             var_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised product of N(mu_a, var_a) and N(mu_b, var_b), elementwise: (mu, var) with
+    var = 1 / (1/var_a + 1/var_b) and mu = var (mu_a/var_a + mu_b/var_b).
+
+    The Ladder VAE's merge of the bottom-up and top-down estimates (Sønderby et al. 2016 eq. 18-19). Both results
+    are variances (notes 004 write sigma for this variance).
+    """
+    precision_a, precision_b = var_a.reciprocal(), var_b.reciprocal()
+    var = (precision_a + precision_b).reciprocal()
+    return var * (mu_a * precision_a + mu_b * precision_b), var
+
+
+class MixturePrior(nn.Module):
+    """A learnable Gaussian-mixture prior p(z) = sum_c pi_c N(z; mu_c, diag sigma_c^2), as a MixtureSameFamily.
+
+    For VaDE (Jiang et al. 2017) and other mixture priors; the parameters are free (logits, means, log-variances).
+    """
+
+    def __init__(self, n_components: int, latent_dim: int, spread: float = 1.0):
+        super().__init__()
+        if n_components < 1 or latent_dim < 1:
+            raise ElbolabError(f"expected n_components >= 1 and latent_dim >= 1, got {n_components}, {latent_dim}")
+        self.logits = nn.Parameter(torch.zeros(n_components))
+        self.means = nn.Parameter(spread * torch.randn(n_components, latent_dim))
+        self.log_var = nn.Parameter(torch.zeros(n_components, latent_dim))
+
+    def forward(self) -> MixtureSameFamily:
+        components = Independent(Normal(self.means, torch.exp(0.5 * self.log_var), validate_args=False), 1)
+        return MixtureSameFamily(Categorical(logits=self.logits, validate_args=False), components,
+                                 validate_args=False)
 

@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from elbolab import runs
+from elbolab.data import available_sources
 from elbolab.errors import ElbolabError
+from elbolab.likelihoods import build_likelihood
 from elbolab.models import get_model_class
 from elbolab.trainer import TrainConfig, Trainer
 
@@ -27,47 +30,80 @@ def _load_splits(data_info: dict, data_dir=None):
     )
 
 
-def train(model_name: str, data: str = "digits", *, out, data_dir=None, binarize: str = "none",
-          val_size=None, latent_dim: int = 20, hidden=(400,), activation: str = "relu",
-          architecture: str = "mlp", likelihood: str = "bernoulli", sigma: float = 1.0,
-          encoder_covariance: str = "diag", epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-          adam_eps: float = 1e-8, beta: float = 1.0, kl_warmup_epochs: float = 0.0, mc_samples: int = 1,
-          seed: int = 0, resume: bool = False, progress: bool = True, tensorboard: bool = True,
-          figures: bool = True) -> Path:
-    """Train ``model_name`` on ``data`` into the run folder ``out``; returns the run folder."""
+DATA_OPTIONS = ("binarize", "val_size", "data_dir")
+
+
+def split_options(cls, options: dict) -> tuple[dict, dict, dict]:
+    """Sort keyword options into (model config, train config, data) options by their names; unknown names fail
+    with the list of valid ones."""
+    model_names = {f.name for f in cls.config_class.option_fields()}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model, train, data, unknown = {}, {}, {}, []
+    for key, value in options.items():
+        if key in model_names:
+            model[key] = value
+        elif key in train_names:
+            train[key] = value
+        elif key in DATA_OPTIONS:
+            data[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ElbolabError(
+            f"unknown option(s) {sorted(unknown)} for model {cls.registry_name!r}; expected model options "
+            f"{sorted(model_names)}, training options {sorted(train_names - {'progress', 'tensorboard'})} or data "
+            f"options {list(DATA_OPTIONS)} (see 'elbolab models {cls.registry_name}')"
+        )
+    return model, train, data
+
+
+def train(model_name: str, data: str = "digits", *, out, resume: bool = False, figures: bool = True,
+          init_from=None, **options) -> Path:
+    """Train ``model_name`` on ``data`` into the run folder ``out``; returns the run folder.
+
+    ``options`` are fields of the model's config class (``latent_dim``, ``hidden``, ``likelihood``, a model's own
+    fields such as ``k``), of ``TrainConfig`` (``epochs``, ``lr``, ``schedules``, ...) or data options
+    (``binarize``, ``val_size``, ``data_dir``). ``init_from`` copies the matching weights of a trained run first.
+    """
     cls = get_model_class(model_name)
-    if data not in ("digits", "mnist"):
+    model_options, train_options, data_options = split_options(cls, options)
+    if data not in available_sources():
         data = str(Path(data).resolve())
-    data_info = {"source": data, "binarize": binarize, "seed": seed, "val_size": val_size,
+    data_dir = data_options.get("data_dir")
+    data_info = {"source": data, "binarize": data_options.get("binarize", "none"),
+                 "seed": train_options.get("seed", 0), "val_size": data_options.get("val_size"),
                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
     splits = _load_splits(data_info)
-    model_config = cls.config_class(
-        input_dim=splits.train.dim, image_shape=splits.train.image_shape, latent_dim=latent_dim, hidden=tuple(hidden),
-        activation=activation, architecture=architecture, likelihood=likelihood, sigma=sigma,
-        encoder_covariance=encoder_covariance,
-    )
-    if likelihood == "bernoulli" and (splits.train.x.min() < 0 or splits.train.x.max() > 1):
+    model_config = cls.config_class.from_data(splits.train, **model_options)
+    low, high = splits.train.value_range()
+    support = getattr(build_likelihood(model_config.likelihood, 1), "support", "real")
+    if support in ("binary", "unit-interval") and (low < 0 or high > 1):
         raise ElbolabError(
-            f"the bernoulli likelihood needs data in [0, 1], got values in [{splits.train.x.min():.3g}, "
-            f"{splits.train.x.max():.3g}]; use --likelihood gaussian or rescale the data"
+            f"the {model_config.likelihood} likelihood needs data in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
+            "use --likelihood gaussian or rescale the data"
         )
-    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, adam_eps=adam_eps, beta=beta,
-                               kl_warmup_epochs=kl_warmup_epochs, mc_samples=mc_samples, seed=seed,
-                               progress=progress, tensorboard=tensorboard)
-    torch.manual_seed(seed)  # the initial weights
+    train_config = TrainConfig(**train_options)
+    torch.manual_seed(train_config.seed)  # the initial weights
     model = cls(model_config)
-    trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info)
+    init_info = None
+    if init_from is not None and not resume:
+        pretrained, _ = runs.load_run(init_from)
+        loaded = model.load_pretrained(pretrained.state_dict())
+        init_info = {"run": str(Path(init_from).resolve()), "tensors": loaded}
+    trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info, init_from=init_info)
     trainer.fit(splits.train, splits.val, resume=resume)
     if figures and trainer.rank == 0:
-        make_figures(out, model=model, splits=splits)
+        model.figures(out, splits)
         report(out)
     return Path(out)
 
 
 def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None = None, data_dir=None,
-             seed: int = 0, progress: bool = False) -> dict:
-    """Importance-sampled log p(x), ELBO, active units and KL per dimension; written to RUN_DIR/eval.json."""
-    from elbolab.evaluate import evaluate_model
+             seed: int = 0, progress: bool = False, compare=None) -> dict:
+    """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
+    metrics; written to RUN_DIR/eval.json. ``compare``: another run, evaluated on the same examples with the same
+    settings, reported as the paired difference of log p(x) (this run minus the other)."""
+    from elbolab.evaluate import evaluate_model, paired_difference
 
     if split not in ("test", "train", "val"):
         raise ElbolabError(f"expected --split test, train or val, got {split!r}")
@@ -76,34 +112,52 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     model, config = runs.load_run(run_dir)
     splits = _load_splits(config["data"], data_dir)
     data = getattr(splits, split)
-    result = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress)
+    result, mine = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
+                                  return_per_example=True)
+    if compare is not None:
+        other, other_config = runs.load_run(compare)
+        keys = ("source", "binarize", "seed", "val_size")
+        if any(other_config["data"].get(key) != config["data"].get(key) for key in keys):
+            raise ElbolabError(
+                f"--compare: {compare} was trained on other data "
+                f"({ {key: other_config['data'].get(key) for key in keys} } vs "
+                f"{ {key: config['data'].get(key) for key in keys} }); a paired comparison needs the same examples"
+            )
+        _, theirs = evaluate_model(other, data, k=k, seed=seed, progress=progress, return_per_example=True)
+        result["compare"] = {"other_run": str(compare), **paired_difference(mine, theirs)}
     result.update(split=split, dataset=data.name, model=config["model"])
     runs.write_json(Path(run_dir) / runs.EVAL, result)
     return result
 
 
+def make_figures(run_dir, *, model=None, splits=None) -> list[Path]:
+    """The run's figures, through the model's ``figures`` hook."""
+    if model is None:
+        model, config = runs.load_run(run_dir)
+        splits = _load_splits(config["data"])
+    model.eval()
+    return model.figures(Path(run_dir), splits)
+
+
 @torch.no_grad()
-def make_figures(run_dir, *, model=None, splits=None, n_samples: int = 100, seed: int = 0) -> list[Path]:
-    """Samples, reconstructions, training curves, 2-D manifold (latent_dim == 2) and latent scatter."""
+def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0) -> list[Path]:
+    """The default figures of a model: samples, reconstructions, training curves, 2-D manifold (latent_dim == 2)
+    and the latent scatter (a histogram for one latent dimension)."""
     import json
 
     from elbolab import plots
 
     run_dir = Path(run_dir)
-    if model is None:
-        model, config = runs.load_run(run_dir)
-        splits = _load_splits(config["data"])
-    model.eval()
     fig_dir = run_dir / runs.FIGURES
     shape = model.config.image_shape
     torch.manual_seed(seed)
     paths = []
     test = splits.test
-    x = test.batch(torch.arange(min(len(test), 2000)), torch.Generator().manual_seed(seed))
+    batch = test.batch(torch.arange(min(len(test), 2000)), torch.Generator().manual_seed(seed))
     if shape is not None:
         paths.append(plots.plot_image_grid(model.sample(n_samples), shape, fig_dir / "samples.png",
                                            title="samples: E[x|z], z ~ p(z)"))
-        paths.append(plots.plot_reconstructions(x[:10], model.reconstruct(x[:10]), shape,
+        paths.append(plots.plot_reconstructions(batch.x[:10], model.reconstruct(batch[:10]), shape,
                                                 fig_dir / "reconstructions.png"))
         if model.config.latent_dim >= 2:
             paths.append(plots.plot_latent_manifold(model.decode_mean, shape, fig_dir / "manifold.png",
@@ -112,8 +166,8 @@ def make_figures(run_dir, *, model=None, splits=None, n_samples: int = 100, seed
     if metrics_path.exists():
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
         paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
-    labels = None if test.y is None else test.y[: len(x)]
-    paths.append(plots.plot_latent_scatter(model.latent_mean(x), labels, fig_dir / "latent_scatter.png"))
+    means = next(iter(model.latent_means(batch).values()))
+    paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
     return paths
 
 

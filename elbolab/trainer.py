@@ -1,14 +1,18 @@
-"""Training loop: Adam, epochs, validation, metrics (JSONL + TensorBoard), checkpoints, exact resume, DDP.
+"""Training loop: one Adam per parameter group, epochs, validation, metrics (JSONL + TensorBoard), checkpoints,
+exact resume, DDP.
 
-Schedules live here, not in the models: beta (with optional linear KL warm-up, Bowman et al. 2016; Sønderby et al.
-2016) and the number of Monte-Carlo samples arrive in ``model.loss`` as arguments.
+Schedules live here, not in the models: every step the trainer evaluates the schedules (beta with optional KL
+warm-up, free bits, capacity, ...; see ``elbolab.schedules``) and hands the model a StepContext. A model returns
+one loss per parameter group; each is backed into its own group's parameters only (``backward(inputs=...)``),
+then every optimiser steps, so a discriminator is trained on its own objective and never on the VAE's.
 
 Reproducibility: the batch order of epoch e comes from ``DistributedSampler(seed, epoch=e)`` and dynamic
 binarisation from a generator seeded by (seed, epoch, rank), so neither needs saving; the global torch RNG (the
 reparameterisation noise) is saved in the checkpoint. A resumed CPU run therefore ends with bit-identical
 parameters to an uninterrupted one. Under ``torchrun`` each of W processes takes batch_size / W examples of every
-global batch (the sampler interleaves ranks over one shared permutation) and DDP averages the gradients, so one
-step equals a one-process step on the same global batch.
+global batch (the sampler interleaves ranks over one shared permutation) and the gradients are averaged (DDP for
+one parameter group; an explicit all-reduce per group for several), so one step equals a one-process step on the
+same global batch.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from elbolab import runs
 from elbolab.checkpoint import load_checkpoint, save_checkpoint
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged
+from elbolab.schedules import StepContext, evaluate_schedules, parse_schedules
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,13 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     adam_eps: float = 1e-8
-    beta: float = 1.0
+    beta: float = 1.0  # sugar for schedules["beta"]: constant, or linear from 0 over kl_warmup_epochs
     kl_warmup_epochs: float = 0.0
     mc_samples: int = 1
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True
+    schedules: dict[str, str] = field(default_factory=dict)  # name -> spec, e.g. {"free_bits": "constant:0.5"}
 
     def __post_init__(self):
         checks = [
@@ -54,12 +60,18 @@ class TrainConfig:
         for ok, expected, got in checks:
             if not ok:
                 raise ElbolabError(f"train config: expected {expected}, got {got!r}")
+        if "beta" in self.schedules and (self.beta != 1.0 or self.kl_warmup_epochs):
+            raise ElbolabError("train config: give beta either as --beta/--kl-warmup or as --schedule beta=..., "
+                               "not both")
+        parse_schedules(self.schedules)  # validates the specs
 
-    def beta_at(self, epoch_progress: float) -> float:
-        """beta after ``epoch_progress`` epochs: linear warm-up from 0, then constant."""
-        if self.kl_warmup_epochs == 0:
-            return self.beta
-        return self.beta * min(1.0, epoch_progress / self.kl_warmup_epochs)
+    def schedule_specs(self) -> dict[str, str]:
+        """Every schedule, beta included (from --beta / --kl-warmup unless given explicitly)."""
+        specs = dict(self.schedules)
+        if "beta" not in specs:
+            warmup = self.kl_warmup_epochs
+            specs["beta"] = f"linear:0:{self.beta!r}:{warmup!r}" if warmup else f"constant:{self.beta!r}"
+        return specs
 
 
 def distributed_context() -> tuple[int, int]:
@@ -73,25 +85,38 @@ def distributed_context() -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, model, config: TrainConfig, run_dir, *, model_name: str, data_info: dict | None = None):
+    def __init__(self, model, config: TrainConfig, run_dir, *, model_name: str, data_info: dict | None = None,
+                 init_from: dict | None = None):
         self.model, self.config, self.run_dir = model, config, Path(run_dir)
-        self.model_name, self.data_info = model_name, data_info or {}
+        self.model_name, self.data_info, self.init_from = model_name, data_info or {}, init_from
         self.rank, self.world = distributed_context()
         if config.batch_size % self.world:
             raise ElbolabError(
                 f"expected a batch size divisible by the {self.world} processes, got {config.batch_size}"
             )
-        groups = model.parameter_groups()
-        param_groups = [{"params": params, "name": name} for name, params in groups.items()]
-        try:
-            # fused Adam: one kernel for all parameters instead of a per-parameter loop (about 4x less optimiser
-            # time on CPU, measured in benchmarks/bench_vae_train.py); needs torch >= 2.4 on CPU
-            self.optimizer = torch.optim.Adam(param_groups, lr=config.lr, eps=config.adam_eps, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.Adam(param_groups, lr=config.lr, eps=config.adam_eps)
+        self.groups = model.parameter_groups()
+        _check_groups(model, self.groups)
+        options = model.optimizer_options()
+        unknown = set(options) - set(self.groups)
+        if unknown:
+            raise ElbolabError(f"optimizer_options names groups {sorted(unknown)} that parameter_groups lacks")
+        self.optimizers = {name: _adam(params, {"lr": config.lr, "eps": config.adam_eps, **options.get(name, {})})
+                           for name, params in self.groups.items()}
+        self.schedules = parse_schedules(config.schedule_specs())
+        explicit = set(config.schedules) | ({"beta"} if config.beta != 1.0 or config.kl_warmup_epochs else set())
+        unread = sorted(explicit - set(getattr(model, "scheduled_values", ())))
+        if unread:
+            raise ElbolabError(
+                f"{type(model).__name__} does not read the scheduled value(s) {unread}; it reads "
+                f"{list(getattr(model, 'scheduled_values', ())) or 'none'}. Drop them (they would have no effect)"
+            )
         self.module = model
+        self._reduce_gradients = False
         if self.world > 1:
-            self.module = torch.nn.parallel.DistributedDataParallel(model)
+            if len(self.groups) == 1:
+                self.module = torch.nn.parallel.DistributedDataParallel(model)
+            else:  # DDP expects one backward per forward; several groups average their gradients explicitly
+                self._reduce_gradients = True
         self.epoch, self.step = 0, 0
         self._writer = None
 
@@ -102,12 +127,14 @@ class Trainer:
             "model_config": self.model.config.to_dict(),
             "train_config": dataclasses.asdict(self.config),
             "data": self.data_info,
+            "init_from": self.init_from,  # the pretrained run whose weights were copied first, if any
         }
 
     def _prepare_run_dir(self, resume: bool) -> None:
         config_path = self.run_dir / runs.CONFIG
         if resume:
             saved = runs.read_json(config_path)
+            self.init_from = saved.get("init_from")  # a resume continues from the checkpoint, not from init_from
             mine = json.loads(json.dumps(self.run_config()))  # tuples -> lists, as saved
             for key in ("model", "model_config", "data"):
                 if saved.get(key) != mine[key]:
@@ -116,6 +143,7 @@ class Trainer:
                         f"got {mine[key]}); resume with the same settings or use a new --out"
                     )
             ignore = {"epochs", "progress", "tensorboard"}
+            saved["train_config"].setdefault("schedules", {})
             saved_train = {k: v for k, v in saved["train_config"].items() if k not in ignore}
             mine_train = {k: v for k, v in mine["train_config"].items() if k not in ignore}
             if saved_train != mine_train:
@@ -137,7 +165,7 @@ class Trainer:
             runs.write_json(self.run_dir / runs.MANIFEST, collect_manifest(self.config.seed))
 
     def _resume(self) -> None:
-        state = load_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizer)
+        state = load_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers)
         self.epoch, self.step = state["epoch"], state["step"]
         if self.world > 1:  # every rank restarts from rank 0's RNG; make them differ again, deterministically
             torch.manual_seed(state["rng_seed_base"] + self.epoch * self.world + self.rank)
@@ -153,10 +181,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_run_dir(resume)
         torch.manual_seed(cfg.seed * self.world + self.rank)
-        if resume:
-            self._resume()
         if len(train) < self.world:
             raise ElbolabError(f"expected at least {self.world} training examples, got {len(train)}")
+        if resume:
+            self._resume()
+        else:
+            self.model.prepare(train, self.context(0.0))
         history = []
         while self.epoch < cfg.epochs:
             record = self._train_epoch(train)
@@ -167,7 +197,7 @@ class Trainer:
             if self.rank == 0:
                 self._log(records)
                 state = {"epoch": self.epoch, "step": self.step, "rng_seed_base": cfg.seed * self.world}
-                save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizer, state)
+                save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, state)
                 runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict())
             if self.world > 1:
                 torch.distributed.barrier()
@@ -175,6 +205,10 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
         return history
+
+    def context(self, epoch_progress: float) -> StepContext:
+        return StepContext(step=self.step, epoch=epoch_progress, mc_samples=self.config.mc_samples,
+                           values=evaluate_schedules(self.schedules, epoch_progress))
 
     def _train_epoch(self, train) -> dict:
         cfg, n = self.config, len(train)
@@ -185,44 +219,60 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch * 1009 + self.rank)
         batches = order.split(local_batch)
         self.model.train()
-        sums: dict[str, float] = {}
-        count = 0
+        totals = MetricTotals()
         for i, index in enumerate(self._progress(batches)):
-            x = train.batch(index, generator)  # [B, D]
-            beta = cfg.beta_at(self.epoch + i / len(batches))
-            out = self.module(x, beta=beta, mc_samples=cfg.mc_samples)
-            if not torch.isfinite(out.loss):
-                raise TrainingDiverged(
-                    f"the loss became {out.loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; the last good "
-                    f"checkpoint in {self.run_dir} is kept. Try a lower --lr, a Bernoulli likelihood for [0,1] data, "
-                    "or check the data for extreme values"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            count += len(index)
-            with torch.no_grad():
-                for key, value in out.metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.sum())
-                sums["loss"] = sums.get("loss", 0.0) + float(out.loss) * len(index)
-        record = {k: v / count for k, v in sums.items()}
-        record.update(epoch=self.epoch + 1, step=self.step, split="train", beta=cfg.beta_at(self.epoch + 1))
+            batch = train.batch(index, generator)  # x [B, D], y, index
+            out = self.module(batch, self.context(self.epoch + i / len(batches)))
+            self._step(out)
+            totals.add(out, len(index))
+        record = totals.means(self.world)
+        record.update(epoch=self.epoch + 1, step=self.step, split="train",
+                      **evaluate_schedules(self.schedules, self.epoch + 1))
         return record
+
+    def _step(self, out) -> None:
+        """Back each group's loss into that group's parameters only, then step every optimiser."""
+        missing = set(self.groups) - set(out.losses)
+        if missing:
+            raise ElbolabError(f"{type(self.model).__name__}.loss returned no loss for the groups {sorted(missing)}")
+        for name, value in out.losses.items():
+            if not torch.isfinite(value):
+                raise TrainingDiverged(
+                    f"the {name} loss became {value.item()} at epoch {self.epoch + 1}, step {self.step + 1}; the "
+                    f"last good checkpoint in {self.run_dir} is kept. Try a lower --lr, a Bernoulli likelihood for "
+                    "[0,1] data, or check the data for extreme values"
+                )
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        names = list(self.groups)
+        if len(names) == 1:
+            out.losses[names[0]].backward()
+        else:
+            for j, name in enumerate(names):
+                out.losses[name].backward(inputs=self.groups[name], retain_graph=j < len(names) - 1)
+        if self._reduce_gradients:
+            for params in self.groups.values():
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                flat = torch._utils._flatten_dense_tensors(grads)
+                torch.distributed.all_reduce(flat)
+                flat.div_(self.world)
+                for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    p.grad = g
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        self.step += 1
 
     @torch.no_grad()
     def _validate(self, val, batch_size: int = 1000) -> dict:
         cfg = self.config
         self.model.eval()
         generator = torch.Generator().manual_seed(cfg.seed + 7919)  # the same binarisation every epoch
-        sums: dict[str, float] = {}
+        ctx = self.context(self.epoch + 1)  # the schedules' values at the end of this epoch, as logged for train
+        totals = MetricTotals()
         for index in torch.arange(len(val)).split(batch_size):
-            out = self.model.loss(val.batch(index, generator), beta=cfg.beta, mc_samples=cfg.mc_samples)
-            for key, value in out.metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value.sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss) * len(index)
-        record = {k: v / len(val) for k, v in sums.items()}
-        record.update(epoch=self.epoch + 1, step=self.step, split="val", beta=cfg.beta)
+            totals.add(self.model(val.batch(index, generator), ctx), len(index))
+        record = totals.means(1)
+        record.update(epoch=self.epoch + 1, step=self.step, split="val", **ctx.values)
         return record
 
     def _progress(self, batches):
@@ -246,3 +296,52 @@ class Trainer:
                     if key not in ("epoch", "step", "split"):
                         self._writer.add_scalar(f"{r['split']}/{key}", value, r["epoch"])
             self._writer.flush()
+
+
+class MetricTotals:
+    """Sums of metrics over an epoch: per-example metrics [B] are summed, per-batch scalars weighted by the batch
+    size, so that ``means`` is the mean over examples either way; under torchrun the sums are all-reduced."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, out, batch_size: int) -> None:
+        with torch.no_grad():
+            values = dict(out.metrics)
+            values.update({"loss" if name == "model" else f"loss_{name}": v for name, v in out.losses.items()})
+            for key, value in values.items():
+                total = float(value.sum()) if value.dim() else float(value) * batch_size
+                self.sums[key] = self.sums.get(key, 0.0) + total
+        self.count += batch_size
+
+    def means(self, world: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if world > 1:
+            totals = torch.tensor([self.sums[k] for k in keys] + [self.count], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            *values, count = totals.tolist()
+            return {k: v / count for k, v in zip(keys, values)}
+        return {k: self.sums[k] / self.count for k in keys}
+
+
+def _adam(params, options: dict) -> torch.optim.Optimizer:
+    try:
+        # fused Adam: one kernel for all parameters instead of a per-parameter loop (about 4x less optimiser
+        # time on CPU, measured in benchmarks/bench_vae_train.py); needs torch >= 2.4 on CPU
+        return torch.optim.Adam(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, **options)
+
+
+def _check_groups(model, groups: dict) -> None:
+    """Every trainable parameter in exactly one group."""
+    seen: dict[int, str] = {}
+    for name, params in groups.items():
+        for p in params:
+            if id(p) in seen:
+                raise ElbolabError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+    orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if orphans:
+        raise ElbolabError(f"parameters {orphans[:3]} are in no parameter group; no optimiser would train them")

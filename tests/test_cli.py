@@ -27,7 +27,23 @@ def trained_run(tmp_path_factory):
 
 def test_models_lists_the_registry(capsys):
     code, out, _ = run(capsys, "models")
-    assert code == 0 and "vae" in out and "autoencoder" in out
+    assert code == 0 and "vae" in out and "autoencoder" in out and "iwae" in out
+    code, out, _ = run(capsys, "models", "iwae")
+    assert code == 0 and "k " in out and "gradient" in out and "dreg" in out and "input_dim" not in out
+
+
+def test_set_and_schedule_reach_the_model_and_the_metrics(tmp_path, capsys):
+    out = tmp_path / "iwae"
+    code, _, err = run(capsys, "train", "iwae", "--out", str(out), *TRAIN, "--set", "k=3", "--set",
+                       "gradient=dreg", "--binarize", "dynamic")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_config"]["k"] == 3 and config["model_config"]["gradient"] == "dreg"
+    out = tmp_path / "fb"
+    code, _, err = run(capsys, "train", "vae", "--out", str(out), *TRAIN, "--schedule", "free_bits=linear:0:0.5:2")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["free_bits"] for r in records if r["split"] == "train"] == [0.25, 0.5]
 
 
 def test_train_writes_a_complete_run_folder(trained_run):
@@ -43,9 +59,11 @@ def test_train_writes_a_complete_run_folder(trained_run):
 def test_eval_sample_report(trained_run, capsys, tmp_path):
     code, out, _ = run(capsys, "eval", str(trained_run), "--iw-samples", "50", "--no-progress")
     assert code == 0
-    result = json.loads(out)
-    assert result == json.loads((trained_run / "eval.json").read_text())
+    result = json.loads((trained_run / "eval.json").read_text())
     assert result["log_px"]["mean"] >= result["elbo"] - 1.0  # IS estimate sits above the ELBO (up to MC noise)
+    # grey-level digits under a Bernoulli likelihood: a score, not a log-density, and said so
+    assert result["log_px"]["is_density"] is False and "not a log-density" in result["log_px_note"]
+    assert "Bernoulli score (not a log-density)" in out and "Monte-Carlo s.e." in out
     png = tmp_path / "s.png"
     code, out, _ = run(capsys, "sample", str(trained_run), "-n", "16", "--out", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,6 +82,11 @@ def test_eval_sample_report(trained_run, capsys, tmp_path):
         (["train", "vae", "--out", "{tmp}/a", "--data", "{tmp}/missing.npy"], "missing.npy"),
         (["train", "vae", "--out", "{tmp}/a", "--likelihood", "poisson"], "likelihood"),
         (["train", "vae", "--out", "{tmp}/a", "--lr", "0"], "learning rate"),
+        (["train", "vae", "--out", "{tmp}/a", "--set", "k=3"], "has no such option"),
+        (["train", "iwae", "--out", "{tmp}/a", "--set", "k=three"], "expected int"),
+        (["train", "vae", "--out", "{tmp}/a", "--set", "k"], "KEY=VALUE"),
+        (["train", "vae", "--out", "{tmp}/a", "--schedule", "beta=sometimes"], "schedule beta"),
+        (["train", "iwae", "--out", "{tmp}/a", "--beta", "2"], "does not read"),
         (["eval", "{tmp}/no-run"], "run folder"),
         (["sample", "{tmp}/no-run"], "run folder"),
         (["report", "{tmp}/no-run"], "run folder"),
@@ -95,6 +118,9 @@ def test_demo_runs_offline_and_never_overwrites(tmp_path, capsys):
     args = ["demo", "--out", str(out), "--epochs", "2", "--iw-samples", "20"]
     code, stdout, _ = run(capsys, *args)
     assert code == 0 and "log p(x)" in stdout and (out / "index.html").exists()
+    # the demo trains on binarised digits, so its log p(x) is a true log-likelihood
+    assert "not a log-density" not in stdout
+    assert json.loads((out / "eval.json").read_text())["log_px"]["is_density"] is True
     first = (out / "model.safetensors").read_bytes()
     code, stdout, _ = run(capsys, *args)
     assert code == 0 and (tmp_path / "demo-1" / "index.html").exists()
@@ -114,7 +140,7 @@ def test_vae_on_real_mnist_end_to_end(tmp_path, capsys):
     assert code == 0
     capsys.readouterr()
     code, stdout, _ = run(capsys, "eval", str(out), "--iw-samples", "10", "--no-progress")
-    result = json.loads(stdout)
+    result = json.loads((out / "eval.json").read_text())
     assert code == 0 and result["n_examples"] == 10000
     # one epoch of a small VAE on binarised MNIST: a real model, far better than chance (784 log 2 = 543 nats)
     assert -200 < result["log_px"]["mean"] < -90

@@ -35,6 +35,11 @@ from elbolab.errors import DataError, ElbolabError
 NAMES = mnist_module.MNIST_FILES  # train images, train labels, test images, test labels
 
 
+def dense(split):
+    """All rows of a split as float32 (splits store uint8 / bits and densify per batch)."""
+    return split.rows(torch.arange(len(split)))
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -90,7 +95,7 @@ def reassemble(splits: DataSplits, n: int) -> torch.Tensor:
     assert torch.equal(index.sort().values, torch.arange(n))
     full = torch.empty(n, splits.train.dim)
     for part in (splits.train, splits.val, splits.test):
-        full[part.source_index] = part.x
+        full[part.source_index] = part.rows(torch.arange(len(part)))
     return full
 
 
@@ -237,7 +242,7 @@ def test_download_verifies_and_writes_into_cache(file_mirror):
     for name in NAMES:
         assert (cache / f"{name}.gz").read_bytes() == (mirror / f"{name}.gz").read_bytes()
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{name}.gz" for name in NAMES)
-    np.testing.assert_array_equal(splits.test.x.numpy(), arrays[2].reshape(3, -1) / np.float32(255))
+    np.testing.assert_array_equal(dense(splits.test).numpy(), arrays[2].reshape(3, -1) / np.float32(255))
 
 
 def test_download_with_wrong_checksum_fails_and_leaves_nothing(file_mirror, monkeypatch):
@@ -264,15 +269,15 @@ def test_mnist_split_sizes_content_and_reproducibility(tmp_path, isolated_env):
     train_images, train_labels, test_images, test_labels = write_fake_mnist(tmp_path / "m", n_train=30)
     splits = load_mnist(tmp_path / "m", val_size=6, seed=3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 8)
-    assert splits.train.image_shape == (4, 4) and splits.train.dim == 16
+    assert splits.train.image_shape == (1, 4, 4) and splits.train.dim == 16
     assert [s.name for s in (splits.train, splits.val, splits.test)] == ["mnist/train", "mnist/val", "mnist/test"]
     train_index, val_index = splits.train.source_index, splits.val.source_index
     assert torch.equal(torch.cat([train_index, val_index]).sort().values, torch.arange(30))  # disjoint, complete
     expected = train_images.reshape(30, 16).astype(np.float32) / 255
     for part in (splits.train, splits.val):
-        np.testing.assert_array_equal(part.x.numpy(), expected[part.source_index.numpy()])
+        np.testing.assert_array_equal(dense(part).numpy(), expected[part.source_index.numpy()])
         np.testing.assert_array_equal(part.y.numpy(), train_labels[part.source_index.numpy()])
-    np.testing.assert_array_equal(splits.test.x.numpy(), test_images.reshape(8, 16) / np.float32(255))
+    np.testing.assert_array_equal(dense(splits.test).numpy(), test_images.reshape(8, 16) / np.float32(255))
     np.testing.assert_array_equal(splits.test.y.numpy(), test_labels)
     assert torch.equal(load_mnist(tmp_path / "m", val_size=6, seed=3).val.source_index, val_index)
     assert not torch.equal(load_mnist(tmp_path / "m", val_size=6, seed=4).val.source_index, val_index)
@@ -292,13 +297,14 @@ def test_mnist_static_binarization_is_per_image(tmp_path, isolated_env):
     small = load_mnist(tmp_path / "m", val_size=5, binarize="static", seed=7)
     large = load_mnist(tmp_path / "m", val_size=20, binarize="static", seed=7)
     for splits in (small, large):
-        assert set(splits.train.x.unique().tolist()) <= {0.0, 1.0}
+        assert set(dense(splits.train).unique().tolist()) <= {0.0, 1.0}
+        assert splits.train.x.dtype == torch.bool  # binary images are stored as bits
         assert torch.equal(splits.test.x, small.test.x)
 
     def full_train(splits):
         full = torch.empty(40, 36)
         for part in (splits.train, splits.val):
-            full[part.source_index] = part.x
+            full[part.source_index] = part.rows(torch.arange(len(part)))
         return full
 
     assert torch.equal(full_train(small), full_train(large))  # each image keeps its draw whatever the split
@@ -335,24 +341,28 @@ def test_dynamic_binarization_draws_fresh_samples_with_the_right_mean():
     assert torch.equal(dynamic.train.x, grey.train.x)  # grey levels kept in x
     index = torch.arange(20)
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([dynamic.train.batch(index, generator) for _ in range(4000)])  # [4000, 20, 64]
+    draws = torch.stack([dynamic.train.batch(index, generator).x for _ in range(4000)])  # [4000, 20, 64]
     assert draws.dtype == torch.float32 and set(draws.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(draws[0], draws[1])
     p = dynamic.train.x[index]
     standard_error = torch.sqrt(p * (1 - p) / 4000)
     assert ((draws.mean(0) - p).abs() <= 5 * standard_error + 1e-6).all()
-    repeat = dynamic.train.batch(index, torch.Generator().manual_seed(0))
+    repeat = dynamic.train.batch(index, torch.Generator().manual_seed(0)).x
     assert torch.equal(repeat, draws[0])  # the generator makes draws reproducible
 
 
 def test_batch_returns_a_copy_and_basic_properties():
     split = load_digits().train
-    rows = split.batch(torch.tensor([3, 1]))
+    batch = split.batch(torch.tensor([3, 1]))
+    rows = batch.x
+    assert torch.equal(batch.index, torch.tensor([3, 1])) and torch.equal(batch.y, split.y[[3, 1]])
     assert rows.shape == (2, 64) and len(split) == 1257 and split.dim == 64
     rows.fill_(5.0)
     assert split.x.max() <= 1.0
     with pytest.raises(ElbolabError, match="2-D float32"):
         TensorData(x=torch.zeros(3), y=None, image_shape=None, binarize="none", name="bad")
+    with pytest.raises(ElbolabError, match="2-D float32"):
+        TensorData(x=torch.zeros(3, 2, dtype=torch.int64), y=None, image_shape=None, binarize="none", name="bad")
 
 
 # ---------------------------------------------------------------- digits
@@ -361,7 +371,7 @@ def test_batch_returns_a_copy_and_basic_properties():
 def test_digits_shapes_values_labels_and_split():
     splits = load_digits(seed=5)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1257, 270, 270)
-    assert splits.train.image_shape == (8, 8) and splits.train.x.dtype == torch.float32
+    assert splits.train.image_shape == (1, 8, 8) and splits.train.x.dtype == torch.float32
     full = reassemble(splits, 1797)
     reference = sklearn_digits()
     np.testing.assert_allclose(full.numpy(), reference.data / 16.0, rtol=0, atol=1e-7)
@@ -401,7 +411,7 @@ def test_npy_matrix_and_images(tmp_path):
         images = rng.random(shape)
         np.save(tmp_path / "i.npy", images)
         splits = load_array_file(tmp_path / "i.npy", binarize="static")
-        assert splits.train.image_shape == (3, 2) and splits.train.dim == 6
+        assert splits.train.image_shape == (1, 3, 2) and splits.train.dim == 6
 
 
 def test_npz_keys_and_labels(tmp_path):
@@ -512,9 +522,9 @@ def test_real_mnist():
     real_mnist_dir()
     splits = load_data("mnist")  # found through ELBOLAB_DATA
     assert (len(splits.train), len(splits.val), len(splits.test)) == (50000, 10000, 10000)
-    assert splits.train.image_shape == (28, 28) and splits.train.dim == 784
+    assert splits.train.image_shape == (1, 28, 28) and splits.train.dim == 784
     for part in (splits.train, splits.val, splits.test):
-        assert float(part.x.min()) == 0.0 and float(part.x.max()) == 1.0
+        assert part.value_range() == (0.0, 1.0)
         assert part.y.min() == 0 and part.y.max() == 9
         frequencies = torch.bincount(part.y, minlength=10) / len(part)
         assert (frequencies > 0.08).all() and (frequencies < 0.13).all()  # MNIST classes hold 9%-11.3%

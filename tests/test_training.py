@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from elbolab import pipeline, runs
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged
 from elbolab.models import ModelConfig, build_model
+from elbolab.models.vae import VAE
 from elbolab.trainer import TrainConfig, Trainer
 
 FAST = dict(latent_dim=2, hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
@@ -42,11 +43,11 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     trainer = Trainer(fresh, TrainConfig(**config["train_config"]), tmp_path / "unused", model_name="vae")
     from elbolab.checkpoint import load_checkpoint
 
-    state = load_checkpoint(run / runs.CHECKPOINT, fresh, trainer.optimizer)
+    state = load_checkpoint(run / runs.CHECKPOINT, fresh, trainer.optimizers)
     assert state["epoch"] == 1 and state["step"] > 0
     for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), name
-    adam = trainer.optimizer.state_dict()["state"]
+    adam = trainer.optimizers["model"].state_dict()["state"]
     assert len(adam) == len(list(fresh.parameters()))
     assert all(float(s["step"]) == state["step"] for s in adam.values())
 
@@ -61,28 +62,19 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path):
     assert (run / runs.WEIGHTS).read_bytes() == before
 
 
-class _DivergingVAE(torch.nn.Module):
-    """Wraps a VAE and returns a NaN loss from the given step on."""
+class _DivergingVAE(VAE):
+    """A VAE whose loss becomes NaN from the given step on."""
 
-    def __init__(self, inner, bad_step):
-        super().__init__()
-        self.inner, self.config, self.calls, self.bad_step = inner, inner.config, 0, bad_step
+    def __init__(self, config, bad_step):
+        super().__init__(config)
+        self.calls, self.bad_step = 0, bad_step
 
-    def parameter_groups(self):
-        return self.inner.parameter_groups()
-
-    def forward(self, x, **kw):
-        self.calls += 1
-        out = self.inner.loss(x, **kw)
+    def loss(self, batch, ctx):
+        self.calls += self.training  # training steps only, not validation batches
+        out = super().loss(batch, ctx)
         if self.calls >= self.bad_step:
-            return out._replace(loss=out.loss * float("nan"))
+            out.losses["model"] = out.loss * float("nan")
         return out
-
-    def loss(self, x, **kw):
-        return self.inner.loss(x, **kw)
-
-    def state_dict(self, *a, **k):
-        return self.inner.state_dict(*a, **k)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -90,9 +82,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
     splits = load_data("digits")
     torch.manual_seed(0)
-    inner = build_model("vae", ModelConfig(input_dim=64, latent_dim=2, hidden=(16,)))
     steps_per_epoch = -(-len(splits.train) // 64)
-    model = _DivergingVAE(inner, bad_step=steps_per_epoch + 3)  # fails in epoch 2
+    model = _DivergingVAE(ModelConfig(input_dim=64, latent_dim=2, hidden=(16,)), bad_step=steps_per_epoch + 3)
     trainer = Trainer(model, TrainConfig(epochs=3, batch_size=64, progress=False, tensorboard=False),
                       tmp_path / "r", model_name="vae")
     with pytest.raises(TrainingDiverged, match=f"epoch 2, step {steps_per_epoch + 3}"):
@@ -120,9 +111,11 @@ def test_bad_settings_give_clear_errors(tmp_path):
 
 
 def test_kl_warmup_schedule():
-    cfg = TrainConfig(beta=2.0, kl_warmup_epochs=4)
-    assert [cfg.beta_at(e) for e in (0, 1, 2, 4, 10)] == [0.0, 0.5, 1.0, 2.0, 2.0]
-    assert TrainConfig(beta=0.5).beta_at(0) == 0.5
+    from elbolab.schedules import Schedule
+
+    beta = Schedule.parse(TrainConfig(beta=2.0, kl_warmup_epochs=4).schedule_specs()["beta"])
+    assert [beta(e) for e in (0, 1, 2, 4, 10)] == [0.0, 0.5, 1.0, 2.0, 2.0]
+    assert Schedule.parse(TrainConfig(beta=0.5).schedule_specs()["beta"])(0) == 0.5
 
 
 def test_training_improves_the_elbo_on_digits(tmp_path):

@@ -7,10 +7,11 @@ reproducible from the seed. Bad or missing data raises one DataError saying what
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from elbolab.data.arrays import ARRAY_SUFFIXES, load_array_file, load_digits
-from elbolab.data.core import BINARIZE_MODES, TEST_FRACTION, DataSplits, TensorData, ValSize
+from elbolab.data.core import BINARIZE_MODES, TEST_FRACTION, Batch, DataSplits, TensorData, ValSize, as_batch
 from elbolab.data.idx import read_idx
 from elbolab.data.mnist import find_mnist_dir, load_mnist
 from elbolab.errors import DataError
@@ -18,6 +19,10 @@ from elbolab.errors import DataError
 __all__ = [
     "ARRAY_SUFFIXES",
     "BINARIZE_MODES",
+    "Batch",
+    "as_batch",
+    "available_sources",
+    "register_source",
     "TEST_FRACTION",
     "DataSplits",
     "TensorData",
@@ -29,7 +34,37 @@ __all__ = [
     "read_idx",
 ]
 
-NAMED_SOURCES = ("digits", "mnist")
+_SOURCES: dict[str, Callable[..., DataSplits]] = {}
+
+
+def register_source(name: str):
+    """Function decorator: ``@register_source("sprites")`` makes ``--data sprites`` load it.
+
+    The function takes ``(*, data_dir, binarize, seed, val_size)`` (val_size None: the source's default) and
+    returns DataSplits. A new source is one file that registers itself and is imported below.
+    """
+
+    def decorate(fn):
+        if name in _SOURCES and _SOURCES[name] is not fn:
+            raise ValueError(f"data source {name!r} is already registered")
+        _SOURCES[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+@register_source("digits")
+def _digits(*, data_dir=None, **options) -> DataSplits:
+    return load_digits(**options)
+
+
+@register_source("mnist")
+def _mnist(*, data_dir=None, **options) -> DataSplits:
+    return load_mnist(data_dir, **options)
 
 
 def load_data(
@@ -40,23 +75,24 @@ def load_data(
     seed: int = 0,
     val_size: ValSize | None = None,
 ) -> DataSplits:
-    """Load "digits" (embedded, offline), "mnist" (IDX files, see find_mnist_dir) or a .npy/.npz/.csv file.
+    """Load a registered source ("digits": embedded, offline; "mnist": IDX files, see find_mnist_dir; ...) or a
+    .npy/.npz/.csv file.
 
     val_size None means each source's default: 10000 images for MNIST, 15% of the rows otherwise.
-    data_dir is only used for MNIST.
+    data_dir is passed to the named sources (MNIST looks there first).
     """
-    defaults = {} if val_size is None else {"val_size": val_size}
+    options = {"binarize": binarize, "seed": seed}
+    if val_size is not None:
+        options["val_size"] = val_size
     if not isinstance(source, (str, os.PathLike)):
-        raise DataError(f"data source must be 'digits', 'mnist' or a file path; got {source!r}")
+        raise DataError(f"data source must be one of {', '.join(_SOURCES)} or a file path; got {source!r}")
     name = source.strip().lower() if isinstance(source, str) else None
-    if name == "digits":
-        return load_digits(binarize=binarize, seed=seed, **defaults)
-    if name == "mnist":
-        return load_mnist(data_dir, binarize=binarize, seed=seed, **defaults)
+    if name in _SOURCES:
+        return _SOURCES[name](data_dir=data_dir, **options)
     path = Path(source).expanduser()
     if path.suffix.lower() in ARRAY_SUFFIXES or path.exists():
-        return load_array_file(path, binarize=binarize, seed=seed, **defaults)
+        return load_array_file(path, **options)
     raise DataError(
-        f"unknown data source {str(source)!r}: expected 'digits', 'mnist' or a path to a "
+        f"unknown data source {str(source)!r}: expected one of {', '.join(available_sources())} or a path to a "
         f"{', '.join(ARRAY_SUFFIXES)} file (no such file exists)"
     )

@@ -40,7 +40,8 @@ def load_digits(*, binarize: str = "none", seed: int = 0, val_size: ValSize = 0.
     bunch = sklearn_digits()
     x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)  # [1797, 64]
     y = torch.from_numpy(bunch.target.astype(np.int64))  # [1797]
-    return split_three_ways("digits", x, y, (8, 8), binarize=binarize, seed=seed, val_size=val_size)
+    return split_three_ways("digits", x, y, (1, 8, 8), binarize=binarize, seed=seed, val_size=val_size,
+                            meta={"class_names": [str(d) for d in range(10)]})
 
 
 def load_array_file(

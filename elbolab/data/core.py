@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,36 +21,95 @@ TEST_FRACTION = 0.15
 
 
 @dataclass
-class TensorData:
-    """One split held in memory as tensors (fast batching on CPU; no DataLoader needed).
+class Batch:
+    """One mini-batch as it flows data -> trainer -> model -> evaluator. Dense, binarised, on one device.
 
-    ``source_index`` holds, for each row, its row number in the source it came from (file order), so a
-    split can be traced back to the original data.
+    ``x`` [B, D] float features; ``y`` [B] class ids or [B, F] factor values; ``index`` [B] row numbers in the
+    split (per-datapoint variational parameters); ``observed`` [B, D] bool mask of the entries a model may
+    condition on (inpainting). Only ``x`` is required.
     """
 
-    x: torch.Tensor  # [N, D] float32, flattened features (images: values in [0, 1])
-    y: torch.Tensor | None  # [N] int64 labels or None
-    image_shape: tuple[int, int] | None  # (H, W) for image data (used for plots), None otherwise
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    observed: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, like: torch.Tensor) -> Batch:
+        """The batch on ``like``'s device, x (and a float y) in ``like``'s dtype."""
+        def move(t, cast):
+            if t is None:
+                return None
+            return t.to(device=like.device, dtype=like.dtype) if cast else t.to(device=like.device)
+        y_float = self.y is not None and self.y.is_floating_point()
+        return Batch(move(self.x, True), move(self.y, y_float), move(self.index, False), move(self.observed, False))
+
+    def __getitem__(self, rows) -> Batch:
+        """Rows of the batch (a slice or an index tensor)."""
+        def pick(t):
+            return None if t is None else t[rows]
+
+        return Batch(self.x[rows], pick(self.y), pick(self.index), pick(self.observed))
+
+
+def as_batch(data) -> Batch:
+    """A Batch as is; a tensor [B, D] as Batch(x)."""
+    if isinstance(data, Batch):
+        return data
+    if isinstance(data, torch.Tensor):
+        return Batch(data)
+    raise ElbolabError(f"expected a Batch or a tensor [B, D], got {type(data).__name__}")
+
+
+def _is_sparse(x) -> bool:
+    return hasattr(x, "tocsr") and hasattr(x, "nnz")  # a scipy.sparse matrix or array
+
+
+@dataclass
+class TensorData:
+    """One split held in memory, compactly, densified per batch (fast batching on CPU; no DataLoader needed).
+
+    ``x`` may be float [N, D]; uint8 [N, D] holding ``value * levels`` (8-bit images: 4x smaller than float32);
+    bool [N, D] (binary images: dSprites is 12 GB as float32, 0.4 GB as bits); or a scipy.sparse CSR matrix
+    (bags of words). ``source_index`` holds each row's number in the source it came from (file order). ``meta``
+    carries what a model or a figure needs to know of the data: class names, vocabulary, factor names and sizes.
+    """
+
+    x: object  # see above
+    y: torch.Tensor | None  # [N] int64 labels, [N, F] factors, or None
+    image_shape: tuple[int, ...] | None  # (C, H, W) for image data ((H, W) is read as one channel), None otherwise
     binarize: str  # "none" | "dynamic" | "static" (static already applied to x)
     name: str  # e.g. "mnist/train"
     source_index: torch.Tensor | None = None  # [N] int64 row numbers in the source
+    levels: float = 255.0  # a uint8 x means x / levels
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_binarize(self.binarize)
-        if not isinstance(self.x, torch.Tensor) or self.x.dim() != 2 or self.x.dtype != torch.float32:
-            got = tuple(self.x.shape) if isinstance(self.x, torch.Tensor) else type(self.x).__name__
-            raise ElbolabError(f"TensorData {self.name!r}: expected x as a 2-D float32 tensor [N, D]; got {got}")
-        for field, values in (("y", self.y), ("source_index", self.source_index)):
-            if values is not None and (values.dim() != 1 or len(values) != len(self.x)):
+        if _is_sparse(self.x):
+            self.x = self.x.tocsr()
+        elif not isinstance(self.x, torch.Tensor) or self.x.dim() != 2 or not (
+                self.x.is_floating_point() or self.x.dtype in (torch.uint8, torch.bool)):
+            got = (f"{self.x.dtype} {tuple(self.x.shape)}" if isinstance(self.x, torch.Tensor)
+                   else type(self.x).__name__)
+            raise ElbolabError(f"TensorData {self.name!r}: expected x as a 2-D float32 tensor [N, D] (or uint8, bool, "
+                               f"scipy sparse CSR); got {got}")
+        for name, values in (("y", self.y), ("source_index", self.source_index)):
+            if values is not None and (values.dim() not in (1, 2) or len(values) != self.x.shape[0]
+                                       or (name == "source_index" and values.dim() != 1)):
                 raise ElbolabError(
-                    f"TensorData {self.name!r}: expected {field} of shape [{len(self.x)}]; "
-                    f"got {tuple(values.shape)}"
+                    f"TensorData {self.name!r}: expected {name} of shape [{self.x.shape[0]}]"
+                    f"{' or [N, F]' if name == 'y' else ''}; got {tuple(values.shape)}"
                 )
-        if self.image_shape is not None and math.prod(self.image_shape) != self.x.shape[1]:
-            raise ElbolabError(
-                f"TensorData {self.name!r}: image_shape {self.image_shape} does not match "
-                f"{self.x.shape[1]} features per row"
-            )
+        if self.image_shape is not None:
+            self.image_shape = image_chw(self.image_shape)
+            if math.prod(self.image_shape) != self.x.shape[1]:
+                raise ElbolabError(
+                    f"TensorData {self.name!r}: image_shape {self.image_shape} does not match "
+                    f"{self.x.shape[1]} features per row"
+                )
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -59,17 +118,47 @@ class TensorData:
     def dim(self) -> int:
         return self.x.shape[1]
 
-    def batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x[index] as float32 [B, D].
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """x[index] densified to float32 [B, D] (a copy: callers may modify it freely)."""
+        if _is_sparse(self.x):
+            return torch.from_numpy(self.x[index.numpy()].toarray()).to(torch.float32)
+        rows = self.x[index]
+        if rows.dtype == torch.uint8:
+            return rows.to(torch.float32).div_(self.levels)
+        return rows.to(torch.float32)
+
+    def value_range(self) -> tuple[float, float]:
+        """(min, max) of the values x stands for."""
+        values = self.x.data if _is_sparse(self.x) else self.x
+        if values.size == 0 if _is_sparse(self.x) else values.numel() == 0:
+            return 0.0, 0.0
+        levels = self.levels if getattr(values, "dtype", None) == torch.uint8 else 1.0
+        low, high = float(values.min()) / levels, float(values.max()) / levels
+        if _is_sparse(self.x):  # the implicit zeros count too
+            low, high = min(low, 0.0), max(high, 0.0)
+        return low, high
+
+    def batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
+        """Batch(x[index], y[index], index) with x float32 [B, D].
 
         With binarize == "dynamic", every call draws a fresh Bernoulli sample with the grey levels as
         probabilities, as in the IWAE paper (Burda et al. 2016), from the given generator.
         """
-        rows = self.x[index]  # [B, D], a copy: callers may modify it freely
+        rows = self.rows(index)  # [B, D]
         if self.binarize == "dynamic":
             # u < x is a Bernoulli(x) draw; about 1.7x faster than torch.bernoulli on CPU
-            return (torch.rand(rows.shape, generator=generator) < rows).to(rows.dtype)
-        return rows
+            rows = (torch.rand(rows.shape, generator=generator) < rows).to(rows.dtype)
+        return Batch(rows, None if self.y is None else self.y[index], index)
+
+
+def image_chw(shape) -> tuple[int, int, int]:
+    """(H, W) -> (1, H, W); (C, H, W) as is."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ElbolabError(f"expected an image shape (C, H, W) or (H, W), got {shape}")
+    return shape
 
 
 @dataclass
@@ -147,16 +236,19 @@ def rows_to_split(
     x: torch.Tensor,  # [N, D] float32, already statically binarized if asked
     y: torch.Tensor | None,  # [N] int64
     index: torch.Tensor,  # [M] int64 rows to take
-    image_shape: tuple[int, int] | None,
+    image_shape: tuple[int, ...] | None,
     binarize: str,
+    **extra,  # levels, meta
 ) -> TensorData:
+    rows = x[index.numpy()] if _is_sparse(x) else x[index].contiguous()
     return TensorData(
-        x=x[index].contiguous(),
+        x=rows,
         y=None if y is None else y[index].contiguous(),
         image_shape=image_shape,
         binarize=binarize,
         name=name,
         source_index=index,
+        **extra,
     )
 
 
@@ -169,6 +261,7 @@ def split_three_ways(
     binarize: str,
     seed: int,
     val_size: ValSize,
+    **extra,  # levels, meta: passed to every split
 ) -> DataSplits:
     """Seeded train/validation/test split of one array.
 
@@ -190,7 +283,7 @@ def split_three_ways(
     val_index = order[n_test : n_test + n_val].sort().values
     train_index = order[n_test + n_val :].sort().values
     return DataSplits(
-        train=rows_to_split(f"{prefix}/train", x, y, train_index, image_shape, binarize),
-        val=rows_to_split(f"{prefix}/val", x, y, val_index, image_shape, binarize),
-        test=rows_to_split(f"{prefix}/test", x, y, test_index, image_shape, binarize),
+        train=rows_to_split(f"{prefix}/train", x, y, train_index, image_shape, binarize, **extra),
+        val=rows_to_split(f"{prefix}/val", x, y, val_index, image_shape, binarize, **extra),
+        test=rows_to_split(f"{prefix}/test", x, y, test_index, image_shape, binarize, **extra),
     )

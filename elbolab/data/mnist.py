@@ -20,7 +20,6 @@ from elbolab.data.core import (
     ValSize,
     check_binarize,
     check_seed,
-    check_unit_interval,
     resolve_val_count,
     rows_to_split,
     seeded_generator,
@@ -197,7 +196,7 @@ def _images_to_rows(images, labels, images_path: Path, labels_path: Path):
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels: "
             "expected the same count; one of them is from another dataset or damaged, re-download both"
         )
-    x = torch.from_numpy(images).reshape(images.shape[0], -1).to(torch.float32).div_(255.0)  # [N, H*W]
+    x = torch.from_numpy(images).reshape(images.shape[0], -1)  # [N, H*W] uint8: densified (/ 255) per batch
     y = torch.from_numpy(labels).to(torch.int64)  # [N]
     return x, y
 
@@ -209,7 +208,8 @@ def load_mnist(
     seed: int = 0,
     val_size: ValSize = 10000,
 ) -> DataSplits:
-    """MNIST as train/val/test TensorData: values in [0, 1], rows of 784 features, image_shape (28, 28).
+    """MNIST as train/val/test TensorData: values in [0, 1] (stored as uint8 or bits), rows of 784 features,
+    image_shape (1, 28, 28).
 
     The 60000 training images are split by seed into train and validation (val_size: an int count or a
     float fraction of 60000); test is the 10000 t10k images. binarize="static" draws one Bernoulli
@@ -228,7 +228,7 @@ def load_mnist(
             f"MNIST training images are {train_images.shape[1:]} pixels but test images "
             f"{test_images.shape[1:]}: expected the same size; the files come from different datasets"
         )
-    image_shape = (int(train_images.shape[1]), int(train_images.shape[2]))
+    image_shape = (1, int(train_images.shape[1]), int(train_images.shape[2]))
     x_train, y_train = _images_to_rows(
         train_images,
         read_idx(paths["train-labels-idx1-ubyte"], ndim=1),
@@ -244,20 +244,20 @@ def load_mnist(
     )
     n = x_train.shape[0]
     n_val = resolve_val_count(val_size, n, n - 1, f"MNIST ({n} training images)")
-    check_unit_interval(x_train, binarize, "MNIST")
     if binarize == "static":
-        # One generator drawing over the training file then the test file, in file order.
+        # One generator drawing over the training file then the test file, in file order; stored as bits.
         generator = seeded_generator(seed, "static-binarize")
-        x_train = torch.bernoulli(x_train, generator=generator)
-        x_test = torch.bernoulli(x_test, generator=generator)
+        x_train = torch.bernoulli(x_train.to(torch.float32).div_(255.0), generator=generator).bool()
+        x_test = torch.bernoulli(x_test.to(torch.float32).div_(255.0), generator=generator).bool()
     order = torch.randperm(n, generator=seeded_generator(seed, "split"))
     val_index, train_index = order[:n_val].sort().values, order[n_val:].sort().values
+    meta = {"class_names": [str(d) for d in range(10)]}
     test = TensorData(
         x=x_test.contiguous(), y=y_test, image_shape=image_shape, binarize=binarize, name="mnist/test",
-        source_index=torch.arange(x_test.shape[0]),
+        source_index=torch.arange(x_test.shape[0]), meta=meta,
     )
     return DataSplits(
-        train=rows_to_split("mnist/train", x_train, y_train, train_index, image_shape, binarize),
-        val=rows_to_split("mnist/val", x_train, y_train, val_index, image_shape, binarize),
+        train=rows_to_split("mnist/train", x_train, y_train, train_index, image_shape, binarize, meta=meta),
+        val=rows_to_split("mnist/val", x_train, y_train, val_index, image_shape, binarize, meta=meta),
         test=test,
     )

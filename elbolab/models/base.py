@@ -1,20 +1,29 @@
-"""Shared pieces of every latent-variable model: configuration, networks, prior and the model interface.
+"""The contracts every latent-variable model meets: configuration, the probabilistic interface, the loss, hooks.
 
-A model exposes distributions, not tensors:  ``encode(x) -> q(z|x)``, ``decode(z) -> p(x|z)``, ``prior() -> p(z)``.
-Training objectives live in ``loss`` (one method that a variant overrides) and importance weights in
-``log_importance_weights`` (used by the IWAE bound and by the log p(x) evaluator). Models know nothing about
-training: beta, the number of Monte-Carlo samples and any schedule arrive as arguments to ``loss``.
+A model exposes distributions, not tensors: ``encode(batch) -> q(z|x)``, ``decode(z, batch) -> p(x|z)``,
+``prior(batch) -> p(z)`` (``batch`` carries labels or masks for conditional models). On top of these:
+
+* ``loss(batch, ctx) -> LossOutput``: one scalar per parameter group (``losses``), metrics per example [B] or per
+  batch (scalars). ``ctx`` (a StepContext) carries the step and the scheduled values (beta, free bits, ...).
+* ``importance_samples(batch, k, reparameterize=, stop_q_grad=) -> (z, log_w)``: the one thing the evaluator
+  needs for log p(x); models without a single q(z|x) (a hierarchy) override it.
+* optional hooks: ``latent_means`` / ``kl_terms`` (diagnostics per latent group), ``eval_metrics`` (model metrics in
+  eval.json), ``log_px_is_exact_estimate`` (False when log p(x) is only approximate), ``prepare`` (once before the
+  first epoch), ``parameter_groups`` / ``optimizer_options`` (several optimisers), ``figures``.
+
+Models know nothing about training: schedules, epochs and optimisers stay in the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from elbolab.data.core import Batch, as_batch, image_chw
 from elbolab.errors import ElbolabError
 from elbolab.likelihoods import LIKELIHOODS, build_likelihood
 from elbolab.networks import (
@@ -26,29 +35,43 @@ from elbolab.networks import (
     mlp,
     standard_normal_prior,
 )
+from elbolab.objectives import detach_distribution, kl_per_dim, log_importance_weights
+from elbolab.schedules import StepContext
 
 ARCHITECTURES = ("mlp", "conv")
 
 
+def option(default, help: str):
+    """A config field with a help text (shown by ``elbolab models NAME``)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a model. Validated on creation; serialised to ``config.json``."""
+    """Architecture of a model. Validated on creation; serialised to ``config.json``.
 
-    input_dim: int
-    latent_dim: int = 20
-    hidden: tuple[int, ...] = (400,)
-    activation: str = "relu"
-    architecture: str = "mlp"
-    likelihood: str = "bernoulli"
-    sigma: float = 1.0  # fixed (or initial, for gaussian-learned) standard deviation of a Gaussian p(x|z)
-    encoder_covariance: str = "diag"
-    image_shape: tuple[int, int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # model-specific settings (documented by each model)
+    ``input_dim`` and ``image_shape`` come from the data (``from_data``); the rest are options, settable from the
+    Python API (``pipeline.train(..., latent_dim=2)``) and the CLI (``--set latent_dim=2``).
+    """
+
+    input_dim: int = option(1, "features per example (from the data)")
+    latent_dim: int = option(20, "dimensions of z")
+    hidden: tuple[int, ...] = option((400,), "hidden layer sizes of the encoder (the decoder mirrors them)")
+    activation: str = option("relu", f"one of {', '.join(ACTIVATIONS)}")
+    architecture: str = option("mlp", "mlp | conv")
+    likelihood: str = option("bernoulli", "p(x|z): " + " | ".join(LIKELIHOODS))
+    sigma: float = option(1.0, "fixed (or initial, for gaussian-learned) standard deviation of a Gaussian p(x|z)")
+    encoder_covariance: str = option("diag", "q(z|x) covariance: diag | full")
+    image_shape: tuple[int, ...] | None = option(None, "(C, H, W) for images (from the data)")
+
+    data_fields: typing.ClassVar[tuple[str, ...]] = ("input_dim", "image_shape")
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        _coerce_fields(self)
         if self.image_shape is not None:
-            object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+            object.__setattr__(self, "image_shape", image_chw(self.image_shape))
         checks = [
             (self.input_dim >= 1, "input_dim >= 1", self.input_dim),
             (self.latent_dim >= 1, "latent_dim >= 1 (try --latent-dim 2 or 20)", self.latent_dim),
@@ -63,10 +86,24 @@ class ModelConfig:
         for ok, expected, got in checks:
             if not ok:
                 raise ElbolabError(f"model config: expected {expected}, got {got!r}")
-        if self.image_shape is not None and self.image_shape[0] * self.image_shape[1] != self.input_dim:
+        if self.image_shape is not None and self.image_shape[0] * self.image_shape[1] * self.image_shape[2] \
+                != self.input_dim:
             raise ElbolabError(
                 f"model config: image_shape {self.image_shape} does not match input_dim {self.input_dim}"
             )
+
+    @classmethod
+    def from_data(cls, data, **options) -> ModelConfig:
+        """The config for a data split (its size and image shape) and the user's options.
+
+        A model whose config needs more from the data (classes, vocabulary) overrides this and extends
+        ``data_fields``."""
+        check_options(cls, options, exclude=cls.data_fields)
+        return cls(input_dim=data.dim, image_shape=data.image_shape, **options)
+
+    @classmethod
+    def option_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.name not in cls.data_fields]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,9 +117,73 @@ class ModelConfig:
         return cls(**d)
 
 
-class LossOutput(NamedTuple):
-    loss: torch.Tensor  # scalar to minimise (mean over the batch)
-    metrics: dict[str, torch.Tensor]  # per-example values [B], e.g. elbo, kl, recon
+def check_options(cls, options: dict, exclude=()) -> None:
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ElbolabError(f"{cls.__name__}: unknown option(s) {unknown}; expected some of {names}")
+
+
+def _coerce_fields(config) -> None:
+    """Check each field's type (int, float, str, bool, tuple of ints); accept lossless conversions (a list for a
+    tuple, an int for a float, an integral float for an int), refuse the rest with one clear message."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        optional = type(None) in typing.get_args(hint)
+        if value is None and optional:
+            continue
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+        origin = typing.get_origin(base) or base
+        try:
+            converted = _convert(value, origin)
+        except (TypeError, ValueError):
+            raise ElbolabError(
+                f"{type(config).__name__}: expected {f.name} as {getattr(origin, '__name__', origin)}, got "
+                f"{value!r} ({type(value).__name__})"
+            ) from None
+        object.__setattr__(config, f.name, converted)
+
+
+def _convert(value, origin):
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise TypeError
+        return int(value)
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError
+        return tuple(_convert(v, int) for v in value)
+    return value
+
+
+@dataclass
+class LossOutput:
+    """What ``loss`` returns: one scalar to minimise per parameter group, and metrics to log.
+
+    ``losses["model"]`` is the main objective; a model with several optimisers adds one entry per extra group
+    (e.g. ``"discriminator"``), each backed into its own group's parameters only. Metrics are per example [B]
+    or per batch (0-d) tensors; the trainer averages both correctly.
+    """
+
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses["model"]
 
 
 class LatentVariableModel(nn.Module):
@@ -90,6 +191,8 @@ class LatentVariableModel(nn.Module):
 
     registry_name = "base"
     config_class = ModelConfig
+    log_px_is_exact_estimate = True  # False when importance_samples uses an approximate density (e.g. a learned ratio)
+    scheduled_values: tuple[str, ...] = ()  # the StepContext values loss() reads; the trainer refuses any other
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -115,44 +218,102 @@ class LatentVariableModel(nn.Module):
         return mlp((input_dim, *reversed(config.hidden), outputs * config.input_dim), config.activation)
 
     # ----- the probabilistic interface -----
-    def prior(self):
+    def prior(self, batch: Batch | None = None):
+        """p(z); batch shape [] (or [B] for a prior conditioned on the batch), event shape [d]."""
         return standard_normal_prior(self.config.latent_dim, next(self.parameters()))
 
-    def encode(self, x: torch.Tensor):
-        """q(z|x) for a batch ``[B, D]``; batch shape [B], event shape [d]."""
-        return self.encoder(x)
+    def encode(self, batch: Batch | torch.Tensor):
+        """q(z|x) for a batch; batch shape [B], event shape [d]."""
+        return self.encoder(as_batch(batch).x)
 
-    def decode(self, z: torch.Tensor):
+    def decode(self, z: torch.Tensor, batch: Batch | None = None):
         """p(x|z) for latents ``[..., d]``; batch shape [...], event shape [D]."""
         return self.likelihood_head(self.decoder(z))
 
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_mean(self, z: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """E[x|z], ``[..., D]``: what the pictures show."""
         return self.likelihood_head.mean(self.decoder(z))
 
-    def latent_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x).mean
+    def importance_samples(self, batch: Batch | torch.Tensor, k: int, *, reparameterize: bool = False,
+                           stop_q_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """k draws z_k ~ q(z|x) and their log weights log p(x, z_k) - log q(z_k|x): ``([k, B, d], [k, B])``.
 
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_mean(self.latent_mean(x))
+        ``reparameterize`` draws with rsample (gradients through z); ``stop_q_grad`` evaluates log q with its
+        parameters detached (the STL / DReG estimators). The evaluator's log p(x) relies on this method alone.
+        """
+        batch = as_batch(batch)
+        q = self.encode(batch)
+        z = q.rsample((k,)) if reparameterize else q.sample((k,))  # [k, B, d]
+        log_q = (detach_distribution(q) if stop_q_grad else q).log_prob(z)  # [k, B]
+        log_px_given_z = self.decode(z, batch).log_prob(batch.x)  # [k, B]
+        return z, log_importance_weights(log_px_given_z, self.prior(batch).log_prob(z), log_q)
 
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """Means of p(x|z) for n draws z ~ p(z), ``[n, D]``."""
-        return self.decode_mean(self.prior().sample((n,)))
-
-    def log_importance_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def log_importance_weights(self, batch: Batch | torch.Tensor, k: int) -> torch.Tensor:
         """log p(x, z_k) - log q(z_k|x) for k draws z_k ~ q(z|x): ``[k, B]``."""
-        raise NotImplementedError(f"{type(self).__name__} defines no importance weights")
+        return self.importance_samples(batch, k)[1]
 
-    def loss(self, x: torch.Tensor, **kwargs) -> LossOutput:  # pragma: no cover - abstract
+    # ----- training -----
+    def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, **kwargs) -> LossOutput:
+    def forward(self, batch: Batch | torch.Tensor, ctx: StepContext | None = None) -> LossOutput:
         # The trainer calls the module (not .loss) so that DistributedDataParallel sees the forward pass.
-        return self.loss(x, **kwargs)
+        return self.loss(as_batch(batch), ctx if ctx is not None else StepContext())
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per optimiser; models trained with several optimisers return several groups."""
+        """Parameters per optimiser, in stepping order; each group's loss is ``LossOutput.losses[group]``."""
         return {"model": list(self.parameters())}
+
+    def optimizer_options(self) -> dict[str, dict]:
+        """Per-group Adam settings that override the trainer's (e.g. ``{"discriminator": {"betas": (0.5, 0.9)}}``)."""
+        return {}
+
+    def prepare(self, train, ctx: StepContext) -> None:
+        """Called once before the first epoch (not on resume), e.g. to fit a mixture prior on encoder means.
+
+        Under torchrun every process calls it on the same data: it must be deterministic."""
+
+    # ----- diagnostics and pictures -----
+    def latent_means(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor]:
+        """E_q[z] per latent group, ``{group: [B, d_g]}`` (active units are counted per group)."""
+        return {"z": self.encode(batch).mean}
+
+    def kl_terms(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """KL(q(z_j|x) || p(z_j)) per latent group and dimension, ``{group: [B, d_g]}``; None when not defined."""
+        batch = as_batch(batch)
+        try:
+            return {"z": kl_per_dim(self.encode(batch), self.prior(batch))}
+        except ElbolabError:  # a non-Gaussian q or prior (a mixture): no per-dimension KL
+            return None
+
+    def eval_metrics(self, data, per_example_log_px: torch.Tensor) -> dict:
+        """Model-specific numbers for eval.json (clustering accuracy, perplexity, ...)."""
+        return {}
+
+    @torch.no_grad()
+    def reconstruct(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        batch = as_batch(batch)
+        return self.decode_mean(self.latent_means(batch)["z"], batch)
+
+    @torch.no_grad()
+    def sample(self, n: int, batch: Batch | None = None) -> torch.Tensor:
+        """Means of p(x|z) for n draws z ~ p(z), ``[n, D]``."""
+        return self.decode_mean(self.prior(batch).sample((n,)), batch)
+
+    def figures(self, run_dir, splits) -> list:
+        """Write this model's figures into run_dir/figures; the default draws the image figures."""
+        from elbolab.pipeline import standard_figures
+
+        return standard_figures(self, run_dir, splits)
+
+    def load_pretrained(self, weights: dict[str, torch.Tensor]) -> list[str]:
+        """Copy the tensors whose names and shapes match (``init_from`` a trained run); returns their names."""
+        own = self.state_dict()
+        matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        if not matched:
+            raise ElbolabError(
+                f"init_from: none of the {len(weights)} tensors of that run match {type(self).__name__}'s "
+                "parameters by name and shape; use a run with the same architecture"
+            )
+        self.load_state_dict(matched, strict=False)
+        return sorted(matched)

@@ -1,0 +1,96 @@
+"""Schedules as data, and the step context the trainer hands a model.
+
+A schedule maps training progress t (in epochs, fractional within an epoch) to a value. Specs are strings, so they
+travel through the CLI (``--schedule beta=linear:0:1:10``), config.json and metrics.jsonl unchanged:
+
+* ``constant:v``                    v
+* ``linear:v0:v1:epochs[:start]``   v0 until ``start``, then linearly to v1 over ``epochs``, then v1. KL warm-up
+                                    (Bowman et al. 2016; Sønderby et al. 2016) is ``beta=linear:0:1:E``; capacity
+                                    annealing (Burgess et al. 2018) is ``capacity=linear:0:C_max:E``.
+* ``cyclical:v_max:period:ratio``   cyclical annealing (Fu et al. 2019): every ``period`` epochs the value rises
+                                    linearly from 0 to v_max over the first ``ratio`` of the cycle, then stays at v_max.
+
+A model reads the values it knows from ``ctx.value(name, default)``: ``beta``, ``free_bits`` (Kingma et al. 2016),
+``capacity``, or any name a model documents. Models never see epochs or optimisers directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from elbolab.errors import ElbolabError
+
+_KINDS = {"constant": (1, 1), "linear": (3, 4), "cyclical": (3, 3)}  # kind -> (min, max) number of arguments
+_FORMS = "constant:v, linear:v0:v1:epochs[:start] or cyclical:v_max:period:ratio"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One parsed schedule spec; ``schedule(t)`` is its value after t epochs."""
+
+    kind: str
+    args: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, spec: str | float | int, name: str = "value") -> Schedule:
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return cls("constant", (float(spec),))
+        parts = str(spec).strip().split(":")
+        kind, raw = parts[0].lower(), parts[1:]
+        if kind not in _KINDS:
+            try:  # a bare number is a constant
+                return cls("constant", (float(spec),))
+            except ValueError:
+                raise ElbolabError(f"schedule {name}: expected {_FORMS}; got {spec!r}") from None
+        low, high = _KINDS[kind]
+        try:
+            args = tuple(float(a) for a in raw)
+        except ValueError:
+            args = ()
+        if not low <= len(args) <= high or not all(math.isfinite(a) for a in args):
+            raise ElbolabError(f"schedule {name}: expected {_FORMS} with finite numbers; got {spec!r}")
+        if kind == "linear" and (args[2] < 0 or (len(args) == 4 and args[3] < 0)):
+            raise ElbolabError(f"schedule {name}: expected non-negative epochs and start in {spec!r}")
+        if kind == "cyclical" and not (args[1] > 0 and 0 < args[2] <= 1):
+            raise ElbolabError(f"schedule {name}: expected a period > 0 and a ratio in (0, 1] in {spec!r}")
+        return cls(kind, args)
+
+    def __call__(self, t: float) -> float:
+        if self.kind == "constant":
+            return self.args[0]
+        if self.kind == "linear":
+            v0, v1, epochs = self.args[:3]
+            start = self.args[3] if len(self.args) == 4 else 0.0
+            if epochs == 0:
+                return v1 if t >= start else v0
+            return v0 + (v1 - v0) * min(1.0, max(0.0, (t - start) / epochs))
+        v_max, period, ratio = self.args
+        phase = (t % period) / period  # position within the current cycle, [0, 1)
+        return v_max * min(1.0, phase / ratio)
+
+    def spec(self) -> str:
+        return ":".join([self.kind, *(f"{a:g}" for a in self.args)])
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a model may know about the step it is in: the step count, the epoch progress, the scheduled values,
+    and the number of Monte-Carlo samples L per data point."""
+
+    step: int = 0
+    epoch: float = 0.0
+    values: Mapping[str, float] = field(default_factory=dict)
+    mc_samples: int = 1
+
+    def value(self, name: str, default: float) -> float:
+        return float(self.values.get(name, default))
+
+
+def parse_schedules(specs: Mapping[str, str]) -> dict[str, Schedule]:
+    return {name: Schedule.parse(spec, name) for name, spec in specs.items()}
+
+
+def evaluate_schedules(schedules: Mapping[str, Schedule], t: float) -> dict[str, float]:
+    return {name: schedule(t) for name, schedule in schedules.items()}
