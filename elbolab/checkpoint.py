@@ -37,9 +37,11 @@ def _unflatten_optimizer(group: str, tensors: dict[str, torch.Tensor], meta: dic
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                    trainer_state: dict) -> None:
-    """One file: ``model.*`` weights, ``optimizer.{group}.{index}.{key}`` state of every optimiser, the RNG."""
+                    trainer_state: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """One file: ``model.*`` weights, ``optimizer.{group}.{index}.{key}`` state of every optimiser, the RNG, and
+    ``extra.*`` tensors of the trainer (e.g. a data generator's state in a mid-epoch checkpoint)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     meta = {}
     for group, optimizer in optimizers.items():
         opt_tensors, meta[group] = _flatten_optimizer(group, optimizer)
@@ -49,7 +51,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, to
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
-    """Restore model, every optimiser and the torch RNG in place; return the trainer state saved with them."""
+    """Restore model, every optimiser and the torch RNG in place; return the trainer state saved with them (its
+    ``extra`` entry holds the extra tensors)."""
     tensors, meta = load_tensors(path)
     if meta is None or "trainer" not in meta or "optimizers" not in meta:
         raise CheckpointError(f"{path} has no trainer state; it is not an elbolab checkpoint of this version")
@@ -67,4 +70,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, to
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} does not match this model/optimiser ({e}); was the config changed?") from None
     torch.set_rng_state(tensors["rng.torch"])
-    return meta["trainer"]
+    return {**meta["trainer"], "extra": {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}}

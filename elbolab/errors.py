@@ -20,3 +20,7 @@ class CheckpointError(ElbolabError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training at a safe point; a checkpoint was written and the message says how to continue."""

@@ -153,9 +153,7 @@ def _chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeig
     try:
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=desc, unit="batch", total=math.ceil(n / batch_size))
+            starts = _progress(starts, desc, math.ceil(n / batch_size), batch_size, n)
         for start in starts:
             part = batch[start:start + batch_size].to(param)  # B examples
             lse_w = torch.full((len(part),), -math.inf, dtype=torch.float64)  # running logsumexp of log w
@@ -176,6 +174,24 @@ def _chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeig
             "the support of the likelihood (e.g. values in [0, 1] for bernoulli) and a model without NaN parameters"
         )
     return log_mean, ess
+
+
+def _progress(starts, desc: str, total: int, batch_size: int, n: int):
+    """A bar on a terminal; otherwise (a log file, a scheduler) a plain line at about every tenth of the work."""
+    import sys
+    import time
+
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(starts, desc=desc, unit="batch", total=total)
+        return
+    began, every = time.perf_counter(), max(1, total // 10)
+    for i, start in enumerate(starts):
+        yield start
+        if (i + 1) % every == 0 or i + 1 == total:
+            done = min(n, start + batch_size)
+            print(f"{desc}: {done:,} of {n:,} examples, {time.perf_counter() - began:.0f} s", flush=True)
 
 
 def _summary(per_example: torch.Tensor, ess: torch.Tensor | None, k: int) -> LogLikelihoodEstimate:
@@ -287,6 +303,28 @@ def kl_per_dimension(model: nn.Module, data, *, batch_size: int = 1000) -> torch
     return torch.cat([kl.mean(0) for kl in groups.values()])
 
 
+def collapse_check(model: nn.Module, data, *, max_examples: int = 1000, seed: int = 0) -> dict:
+    """Active units and the mean KL on up to ``max_examples`` examples of ``data``, and a warning when the posterior
+    has collapsed (no or few active units, or a KL near zero). Empty for a model without a KL (an autoencoder)."""
+    n = min(len(data), max_examples)
+    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed))
+    kl_groups = _per_group(model, batch, 1000, "kl_terms")
+    if kl_groups is None:
+        return {}
+    groups = active_units_per_group(model, batch)
+    active = sum(count for count, _ in groups.values())
+    latent_dim = sum(int(v.shape[0]) for _, v in groups.values())
+    mean_kl = float(sum(kl.sum(1).mean() for kl in kl_groups.values()))
+    result = {"active_units": active, "latent_dim": latent_dim, "mean_kl": mean_kl, "collapse_warning": None}
+    if active == 0 or active * 10 <= latent_dim or mean_kl < 0.1:
+        result["collapse_warning"] = (
+            f"posterior collapse: {active} of {latent_dim} latent units are active and the mean KL is {mean_kl:.3g} "
+            "nats, so the decoder mostly ignores z. Try KL warm-up (--kl-warmup 10), free bits (--schedule "
+            "free_bits=constant:0.25), a smaller --beta, or more --epochs"
+        )
+    return result
+
+
 def _mean_elbo(model: nn.Module, batch: Batch, batch_size: int) -> float | None:
     per_batch = _batched(model, batch, batch_size, lambda b: model(b, StepContext()).metrics.get("elbo"))
     if any(values is None for values in per_batch):  # a model that reports no ELBO
@@ -317,6 +355,14 @@ def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None
     """
     if not hasattr(data, "batch") or not hasattr(data, "__len__"):
         raise ElbolabError(f"expected data with .batch(index, generator) and a length, got {type(data).__name__}")
+    from elbolab.runs import describe_nonfinite, nonfinite_tensors
+
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise ElbolabError(
+            f"cannot evaluate: the model's {describe_nonfinite(bad)}, so every estimate would be NaN; training "
+            "diverged (train again, e.g. with a lower lr) or its weights file is damaged"
+        )
     n = len(data)
     batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed))
     _check_inputs(model, batch, k, None, None)

@@ -88,7 +88,7 @@ def fit_local_posterior(model, batch, *, steps: int = 500, lr: float = 0.05, mc_
                 (-elbo.sum()).backward()  # each example's parameters get only its own gradient
                 optimizer.step()
                 decay.step()
-                history.append(float(elbo.mean()))
+                history.append(float(elbo.detach().mean()))
     finally:
         for p in frozen:
             p.requires_grad_(True)

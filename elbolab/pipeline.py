@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
 
 from elbolab import runs
 from elbolab.data import available_sources
-from elbolab.errors import ElbolabError
+from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.likelihoods import build_likelihood
 from elbolab.models import get_model_class
 from elbolab.trainer import TrainConfig, Trainer
@@ -57,23 +58,38 @@ def split_options(cls, options: dict) -> tuple[dict, dict, dict]:
     return model, train, data
 
 
-def train(model_name: str, data: str = "digits", *, out, resume: bool = False, figures: bool = True,
-          init_from=None, **options) -> Path:
-    """Train ``model_name`` on ``data`` into the run folder ``out``; returns the run folder.
+def train(model_name: str | None = None, data=None, *, out, resume: bool = False, overwrite: bool = False,
+          figures: bool = True, init_from=None, **options) -> Path:
+    """Train ``model_name`` on ``data`` (default "digits") into the run folder ``out``; returns the run folder.
 
     ``options`` are fields of the model's config class (``latent_dim``, ``hidden``, ``likelihood``, a model's own
-    fields such as ``k``), of ``TrainConfig`` (``epochs``, ``lr``, ``schedules``, ...) or data options
-    (``binarize``, ``val_size``, ``data_dir``). ``init_from`` copies the matching weights of a trained run first.
+    fields such as ``k``), of ``TrainConfig`` (``epochs``, ``lr``, ``schedules``, ``checkpoint_every``,
+    ``keep_best``, ``device``, ...) or data options (``binarize``, ``val_size``, ``data_dir``). ``init_from`` copies
+    the matching weights of a trained run first. ``resume=True`` continues the run in ``out`` with its saved
+    settings (only ``out`` is needed; ``epochs`` may extend it; any other option that differs is refused by name).
+    ``overwrite=True`` deletes the run in ``out`` and starts again.
     """
+    started = time.perf_counter()
+    if resume:
+        model_name, data, options = _resume_settings(Path(out), model_name, data, options)
+    if model_name is None:
+        raise ElbolabError("expected a model name (see 'elbolab models'); only --resume reads it from the run folder")
+    data = "digits" if data is None else data
     cls = get_model_class(model_name)
     model_options, train_options, data_options = split_options(cls, options)
-    if data not in available_sources():
-        data = str(Path(data).resolve())
-    data_dir = data_options.get("data_dir")
-    data_info = {"source": data, "binarize": data_options.get("binarize", "none"),
-                 "seed": train_options.get("seed", 0), "val_size": data_options.get("val_size"),
-                 "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
-    splits = _load_splits(data_info)
+    from elbolab.data.memory import is_in_memory, load_in_memory
+
+    if is_in_memory(data):  # x or (x, y) from Python: checked and split here; config.json describes, not stores it
+        splits, data_info = load_in_memory(data, binarize=data_options.get("binarize", "none"),
+                                           seed=train_options.get("seed", 0), val_size=data_options.get("val_size"))
+    else:
+        if data not in available_sources():
+            data = str(Path(data).resolve())
+        data_dir = data_options.get("data_dir")
+        data_info = {"source": data, "binarize": data_options.get("binarize", "none"),
+                     "seed": train_options.get("seed", 0), "val_size": data_options.get("val_size"),
+                     "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
+        splits = _load_splits(data_info)
     model_config = cls.config_class.from_data(splits.train, **model_options)
     low, high = splits.train.value_range()
     support = getattr(build_likelihood(model_config.likelihood, 1), "support", "real")
@@ -91,31 +107,106 @@ def train(model_name: str, data: str = "digits", *, out, resume: bool = False, f
         loaded = model.load_pretrained(pretrained.state_dict())
         init_info = {"run": str(Path(init_from).resolve()), "tensors": loaded}
     trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info, init_from=init_info)
-    trainer.fit(splits.train, splits.val, resume=resume)
-    if figures and trainer.rank == 0:
-        model.figures(out, splits)
-        report(out)
+    history = trainer.fit(splits.train, splits.val, resume=resume, overwrite=overwrite)
+    if trainer.rank == 0:
+        summary = _training_summary(model, splits.val, history, Path(out), time.perf_counter() - started)
+        if figures:
+            model.figures(out, splits)
+            report(out)
+        for line in summary["lines"]:
+            trainer.say(line)
     return Path(out)
 
 
+def _resume_settings(out: Path, model_name, data, options: dict):
+    """The saved model name, data and options of the run in ``out``, with the options the user gave checked
+    against them: ``epochs`` and the settings in RESUMABLE_CHANGES may change, anything else must match."""
+    import json
+
+    from elbolab.trainer import RESUMABLE_CHANGES
+
+    saved = runs.read_json(out / runs.CONFIG)
+    if model_name is not None and model_name != saved.get("model"):
+        raise CheckpointError(f"--resume: the run in {out} is a {saved.get('model')!r} model, got {model_name!r}")
+    saved_data = saved.get("data", {})
+    if data is not None and not isinstance(data, str):
+        raise CheckpointError("--resume: in-memory data cannot be checked against the run; pass no data to resume")
+    if data is not None:
+        given = data if data in available_sources() else str(Path(data).resolve())
+        if given != saved_data.get("source"):
+            raise CheckpointError(f"--resume: the run in {out} was trained on {saved_data.get('source')!r}, "
+                               f"got {data!r}")
+    cls = get_model_class(saved["model"])
+    merged = {k: v for k, v in saved.get("model_config", {}).items() if k not in cls.config_class.data_fields}
+    merged.update(saved.get("train_config", {}))
+    merged.update({k: saved_data.get(k) for k in DATA_OPTIONS})
+    for key, value in options.items():
+        if key not in merged:
+            continue  # unknown names are reported by split_options
+        as_saved = json.loads(json.dumps(value, default=str))
+        if key not in RESUMABLE_CHANGES and as_saved != merged[key] and not (
+                key == "data_dir" and value is not None and str(Path(value).resolve()) == merged[key]):
+            raise CheckpointError(
+                f"--resume: {key} differs from the run in {out} (saved {merged[key]!r}, got {value!r}); --resume "
+                f"needs only --out (and --epochs to extend it); only {', '.join(RESUMABLE_CHANGES)} may change"
+            )
+        merged[key] = value
+    return saved["model"], saved_data.get("source"), {**merged, **{k: v for k, v in options.items() if k not in merged}}
+
+
+def _training_summary(model, val, history: list[dict], out: Path, seconds: float) -> dict:
+    """Best validation ELBO, wall time and a posterior-collapse check; saved in manifest.json, returned with the
+    lines to print."""
+    from elbolab.evaluate import collapse_check
+
+    val_records = [r for r in history if r["split"] == "val" and "elbo" in r]
+    summary: dict = {"wall_time_s": round(seconds, 3), "epochs_run": len([r for r in history if r["split"] ==
+                                                                          "train"])}
+    lines = []
+    if val_records:
+        best = max(val_records, key=lambda r: r["elbo"])
+        summary.update(best_val_elbo=best["elbo"], best_epoch=best["epoch"])
+    if val is not None and len(val):
+        summary.update(collapse_check(model, val))
+    minutes, secs = divmod(seconds, 60)
+    line = f"done in {int(minutes)}m{secs:04.1f}s"
+    if val_records:
+        line += f"; best val ELBO {summary['best_val_elbo']:.2f} at epoch {summary['best_epoch']}"
+    lines.append(line + f"; report: {(out / 'index.html').resolve()}")
+    if summary.get("collapse_warning"):
+        lines.append("warning: " + summary["collapse_warning"])
+    manifest_path = out / runs.MANIFEST
+    if manifest_path.is_file():
+        manifest = runs.read_json(manifest_path)
+        manifest["summary"] = summary
+        runs.write_json(manifest_path, manifest)
+    return {**summary, "lines": lines}
+
+
 def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None = None, data_dir=None,
-             seed: int = 0, progress: bool = False, compare=None) -> dict:
+             seed: int = 0, progress: bool = False, compare=None, weights: str = "last", device: str = "cpu") -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics; written to RUN_DIR/eval.json. ``compare``: another run, evaluated on the same examples with the same
-    settings, reported as the paired difference of log p(x) (this run minus the other)."""
+    settings, reported as the paired difference of log p(x) (this run minus the other). ``weights``: "last" (the
+    end of training) or "best" (the best validation ELBO, with --keep-best); ``device``: where to compute."""
     from elbolab.evaluate import evaluate_model, paired_difference
 
     if split not in ("test", "train", "val"):
         raise ElbolabError(f"expected --split test, train or val, got {split!r}")
     if k < 1:
         raise ElbolabError(f"expected --iw-samples >= 1, got {k}")
-    model, config = runs.load_run(run_dir)
+    from elbolab.trainer import check_device
+
+    target = check_device(device)
+    model, config = runs.load_run(run_dir, weights)
+    model.to(target)
     splits = _load_splits(config["data"], data_dir)
     data = getattr(splits, split)
     result, mine = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
                                   return_per_example=True)
     if compare is not None:
         other, other_config = runs.load_run(compare)
+        other.to(target)
         keys = ("source", "binarize", "seed", "val_size")
         if any(other_config["data"].get(key) != config["data"].get(key) for key in keys):
             raise ElbolabError(
@@ -125,7 +216,11 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
             )
         _, theirs = evaluate_model(other, data, k=k, seed=seed, progress=progress, return_per_example=True)
         result["compare"] = {"other_run": str(compare), **paired_difference(mine, theirs)}
-    result.update(split=split, dataset=data.name, model=config["model"])
+    epoch = runs.read_json(Path(run_dir) / runs.MANIFEST).get("summary", {}).get(
+        "best_epoch" if weights == "best" else "epochs_run") if (Path(run_dir) / runs.MANIFEST).is_file() else None
+    result.update(split=split, dataset=data.name, model=config["model"], device=str(target),
+                  weights=f"{runs.WEIGHTS if weights == 'last' else runs.BEST_WEIGHTS} ({weights}"
+                          + (f", epoch {epoch})" if epoch else ")"))
     runs.write_json(Path(run_dir) / runs.EVAL, result)
     return result
 
@@ -143,7 +238,6 @@ def make_figures(run_dir, *, model=None, splits=None) -> list[Path]:
 def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0) -> list[Path]:
     """The default figures of a model: samples, reconstructions, training curves, 2-D manifold (latent_dim == 2)
     and the latent scatter (a histogram for one latent dimension)."""
-    import json
 
     from elbolab import plots
 
@@ -164,24 +258,38 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
                                                     latent_dim=model.config.latent_dim))
     metrics_path = run_dir / runs.METRICS
     if metrics_path.exists():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        records, _ = runs.read_metrics(metrics_path)
         paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
     means = next(iter(model.latent_means(batch).values()))
     paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
     return paths
 
 
-def sample(run_dir, n: int = 64, out=None, seed: int = 0) -> Path:
+def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite: bool = False) -> Path:
+    """Draw ``n`` samples of the run's model (decoder means of z ~ p(z)) into the PNG grid ``out`` (default
+    samples.png in the current folder; the run folder is never changed). An existing ``out`` is replaced only with
+    ``overwrite=True``; ``n`` is refused when the samples and their picture would not fit in memory."""
     from elbolab import plots
+    from elbolab.outputs import check_memory, check_output_file, round_down
 
     if n < 1:
         raise ElbolabError(f"expected -n >= 1, got {n}")
     model, _ = runs.load_run(run_dir)
     if model.config.image_shape is None:
         raise ElbolabError("sample: this run's data are not images; there is nothing to draw")
+    out = check_output_file("samples.png" if out is None else out, ".png", overwrite=overwrite)
+    # bytes per sample: the decoder's activations and output (float32, the likelihood's parameters counted twice)
+    # and the picture (the float64 mosaic of (H+1) x (W+1) cells and matplotlib's copies of it); 6.4 KB measured
+    # per 8x8 digit sample of a 256,128-hidden VAE at n = 400,000, 6.6 KB estimated
+    channels, height, width = model.config.image_shape
+    floats = model.config.latent_dim + sum(getattr(model.config, "hidden", ()) or ()) + 2 * model.config.input_dim
+    per_sample = 4 * floats + 56 * channels * (height + 1) * (width + 1)
+    check_memory(n * per_sample, f"-n {n}", lambda budget: f"use -n {max(round_down(budget // per_sample), 1)} or "
+                 "fewer (a grid of more than a few hundred samples is hard to look at anyway)")
     torch.manual_seed(seed)
-    out = Path(out) if out else Path(run_dir) / runs.FIGURES / "samples.png"
-    return plots.plot_image_grid(model.sample(n), model.config.image_shape, out, title=f"{n} samples")
+    with torch.no_grad():
+        images = model.sample(n)
+    return plots.plot_image_grid(images, model.config.image_shape, out, title=f"{n} samples")
 
 
 def report(run_dir) -> Path:

@@ -92,24 +92,17 @@ def _read_json(path: Path) -> tuple[object | None, str | None]:
 def _read_jsonl(path: Path) -> tuple[list[dict], str | None]:
     if not path.is_file():
         return [], f"{path.name} not found; section skipped."
-    records, bad = [], 0
+    from elbolab.runs import read_metrics
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], f"{path.name} could not be read ({type(exc).__name__}: {exc}); section skipped."
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1  # e.g. a line cut short by an interrupted run
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-    return records, (f"{bad} unreadable line(s) in {path.name} were skipped." if bad else None)
+        records, bad = read_metrics(path)
+    except CheckpointError as exc:
+        return [], f"{exc}; section skipped."
+    if not bad:
+        return records, None
+    shown = ", ".join(str(n) for n in bad[:_LIST_PREVIEW]) + (", ..." if len(bad) > _LIST_PREVIEW else "")
+    return records, (f"{len(bad)} unreadable line(s) in {path.name} were skipped (line {shown}): not a JSON record, "
+                     "e.g. cut short when a run was killed, or edited by hand.")
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -580,6 +573,9 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
     if callout:
         label = headline["label"] if headline else "log p(x)"
         page += f'<div class="callout"><strong>About the {_e(label)}:</strong> {_e(callout)}</div>'
+    summary = manifest.get("summary") if isinstance(manifest, dict) else None
+    if isinstance(summary, dict) and summary.get("collapse_warning"):  # written at the end of training
+        page += f'<div class="callout"><strong>Training:</strong> {_e(str(summary["collapse_warning"]))}</div>'
     return page
 
 

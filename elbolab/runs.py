@@ -23,6 +23,7 @@ from elbolab.errors import CheckpointError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "model.best.safetensors"  # with --keep-best: the weights of the best validation ELBO
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
@@ -30,19 +31,76 @@ MANIFEST = "manifest.json"
 FIGURES = "figures"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    The file gets the permissions of any other file the user creates (0666 less the umask; mkstemp's are 0600).
+    A temporary file left by a killed process is removed by ``remove_stale_temporaries``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Delete the ``.NAME.*.tmp`` files that ``atomic_write`` leaves only when its process was killed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains in it (``fcntl.flock``, released by the OS when
+    the process ends, so a crash never leaves the folder locked)."""
+
+    NAME = ".elbolab.lock"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.NAME
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(
+                f"{self.path.parent} is in use: {holder} is training in it; wait for it to finish, or choose "
+                "another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
 
 
 def write_json(path: Path, obj) -> None:
@@ -86,8 +144,32 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return tensors, (json.loads(meta["json"]) if "json" in meta else None)
 
 
-def load_run(run_dir) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model of a run folder from config.json and model.safetensors (no unpickling anywhere)."""
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """``(name, NaN count, inf count)`` of every floating-point tensor holding a NaN or an infinity, in order."""
+    found = []
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append((name, int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())))
+    return found
+
+
+def describe_nonfinite(found: list[tuple[str, int, int]]) -> str:
+    """'tensor 'decoder.0.weight' holds 3 NaN value(s) (and 2 more tensors)' for ``nonfinite_tensors``' answer."""
+    name, n_nan, n_inf = found[0]
+    counts = " and ".join(f"{n} {kind} value(s)" for n, kind in ((n_nan, "NaN"), (n_inf, "infinite")) if n)
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    return f"tensor {name!r} holds {counts}{more}"
+
+
+def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of a run folder from config.json and model.safetensors (``weights="last"``, the end of
+    the last epoch) or model.best.safetensors (``"best"``, kept with --keep-best); no unpickling anywhere.
+
+    Returns ``(model, config)``: the model in eval mode and config.json as a dict. Every way the two files can fail
+    to fit (a key missing, a value of the wrong type, a tensor of another shape, weights holding NaN or inf)
+    raises one CheckpointError saying what differs and what to do.
+    """
+    from elbolab.errors import ElbolabError
     from elbolab.models import get_model_class
 
     run_dir = Path(run_dir)
@@ -95,15 +177,93 @@ def load_run(run_dir) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(
             f"expected a run folder, got {run_dir} which does not exist; pass the --out of 'elbolab train'"
         )
-    config = read_json(run_dir / CONFIG)
-    cls = get_model_class(config["model"])
-    model = cls(cls.config_class.from_dict(config["model_config"]))
-    weights, _ = load_tensors(run_dir / WEIGHTS)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if weights not in ("last", "best"):
+        raise CheckpointError(f"expected weights 'last' or 'best', got {weights!r}")
+    config_path, weights_path = run_dir / CONFIG, run_dir / (WEIGHTS if weights == "last" else BEST_WEIGHTS)
+    if weights == "best" and not weights_path.is_file():
+        raise CheckpointError(f"{run_dir} has no {BEST_WEIGHTS}: train with --keep-best to keep the best-on-validation "
+                              "weights, or use the last ones (--weights last)")
+    restore = "restore config.json from a copy of the run, or train again"
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{config_path}: expected a JSON object with 'model' and 'model_config', got a JSON "
+            f"{type(config).__name__}; {restore}"
+        )
+    missing_keys = [key for key in ("model", "model_config") if key not in config]
+    if missing_keys:
+        raise CheckpointError(
+            f"{config_path} lacks {' and '.join(repr(k) for k in missing_keys)}: expected 'model' (the model's name, "
+            f"e.g. \"vae\") and 'model_config' (its options, as written by 'elbolab train'); {restore}"
+        )
+    name, options = config["model"], config["model_config"]
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise CheckpointError(
+            f"{config_path}: expected 'model' as a string and 'model_config' as an object, got "
+            f"{type(name).__name__} and {type(options).__name__}; {restore}"
+        )
+    try:
+        cls = get_model_class(name)
+        model = cls(cls.config_class.from_dict(options))
+    except (ElbolabError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} does not describe a valid model ({error}); {restore}") from None
+
+    weights, _ = load_tensors(weights_path)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
     if missing or unexpected:
         raise CheckpointError(
-            f"{run_dir / WEIGHTS} does not match the model in config.json (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); the files come from different runs"
+            f"{weights_path} does not match the {name!r} model in config.json ({len(missing)} tensor(s) missing, "
+            f"e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); the two files come from "
+            f"different runs or config.json was edited: {restore}"
         )
+    shapes = [(key, list(weights[key].shape), list(value.shape)) for key, value in expected.items()
+              if weights[key].shape != value.shape]
+    if shapes:
+        key, got, want = shapes[0]
+        settings = ", ".join(f"{k}={options[k]!r}" for k in ("input_dim", "latent_dim", "hidden") if k in options)
+        more = f" (and {len(shapes) - 1} more tensor(s) differ)" if len(shapes) > 1 else ""
+        raise CheckpointError(
+            f"{weights_path} does not match config.json: tensor {key!r} has shape {got} in the weights but the model "
+            f"config.json describes ({settings}) needs {want}{more}; config.json was edited or comes from another "
+            f"run: {restore}"
+        )
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise CheckpointError(
+            f"{weights_path}: {describe_nonfinite(bad)}; the weights are unusable: training diverged (train again, "
+            "e.g. with a lower --lr) or the file is damaged (restore it from a copy)"
+        )
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:  # e.g. a dtype torch cannot copy
+        raise CheckpointError(f"{weights_path} does not fit the model in config.json ({error}); {restore}") from None
     model.eval()
     return model, config
+
+
+def read_metrics(path) -> tuple[list[dict], list[int]]:
+    """The records of a metrics.jsonl file, and the numbers (counting from 1) of the lines that are not a JSON
+    object: a line cut short by a killed process, a hand edit. Those lines are skipped, blank lines ignored; a
+    missing file gives ``([], [])``. Bytes that are not UTF-8 make their line unreadable, never the whole file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], []
+    except OSError as error:
+        raise CheckpointError(f"could not read {path} ({error.strerror or error}); check its permissions") from None
+    records, bad = [], []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # json.JSONDecodeError, or a number too long to parse
+            record = None
+        if isinstance(record, dict) and "\ufffd" not in line:
+            records.append(record)
+        else:
+            bad.append(number)
+    return records, bad

@@ -21,7 +21,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,8 +34,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 from elbolab import runs
 from elbolab.checkpoint import load_checkpoint, save_checkpoint
-from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged
+from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged, TrainingInterrupted
 from elbolab.schedules import StepContext, evaluate_schedules, parse_schedules
+
+# What a run folder holds besides config.json and the checkpoint: --overwrite removes exactly these, and a folder
+# holding any of them but no config.json is someone else's: training refuses to write into it.
+RUN_FILES = (runs.WEIGHTS, runs.BEST_WEIGHTS, runs.METRICS, runs.EVAL, runs.MANIFEST, "index.html", runs.FIGURES,
+             "tensorboard")
+# Settings that may differ on --resume (they do not change the trajectory).
+RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "checkpoint_every", "keep_best", "device")
 
 
 @dataclass(frozen=True)
@@ -43,11 +55,17 @@ class TrainConfig:
     kl_warmup_epochs: float = 0.0
     mc_samples: int = 1
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # a progress bar (on a terminal) and one line per epoch
     tensorboard: bool = True
     schedules: dict[str, str] = field(default_factory=dict)  # name -> spec, e.g. {"free_bits": "constant:0.5"}
+    checkpoint_every: int = 0  # also checkpoint every N optimiser steps within an epoch (0: at epoch ends only)
+    keep_best: bool = False  # also keep the weights with the best validation ELBO in model.best.safetensors
+    device: str = "cpu"
 
     def __post_init__(self):
+        from elbolab.models.base import _coerce_fields
+
+        _coerce_fields(self)
         checks = [
             (self.epochs >= 1, "epochs >= 1", self.epochs),
             (self.batch_size >= 1, "batch_size >= 1", self.batch_size),
@@ -56,6 +74,8 @@ class TrainConfig:
             (self.beta >= 0 and math.isfinite(self.beta), "beta >= 0", self.beta),
             (self.kl_warmup_epochs >= 0, "kl_warmup_epochs >= 0", self.kl_warmup_epochs),
             (self.mc_samples >= 1, "mc_samples >= 1", self.mc_samples),
+            (self.checkpoint_every >= 0, "checkpoint_every >= 0 steps (0: at epoch ends only)",
+             self.checkpoint_every),
         ]
         for ok, expected, got in checks:
             if not ok:
@@ -64,6 +84,7 @@ class TrainConfig:
             raise ElbolabError("train config: give beta either as --beta/--kl-warmup or as --schedule beta=..., "
                                "not both")
         parse_schedules(self.schedules)  # validates the specs
+        check_device(self.device)
 
     def schedule_specs(self) -> dict[str, str]:
         """Every schedule, beta included (from --beta / --kl-warmup unless given explicitly)."""
@@ -72,6 +93,22 @@ class TrainConfig:
             warmup = self.kl_warmup_epochs
             specs["beta"] = f"linear:0:{self.beta!r}:{warmup!r}" if warmup else f"constant:{self.beta!r}"
         return specs
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device for 'cpu', 'cuda', 'cuda:N' or 'mps', refusing one this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ElbolabError(f"expected a device cpu, cuda, cuda:N or mps, got {device!r}") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if dev.type not in available:
+        raise ElbolabError(f"expected a device cpu, cuda, cuda:N or mps, got {device!r}")
+    if not available[dev.type]:
+        raise ElbolabError(f"device {device!r} is not available on this machine (torch {torch.__version__}); "
+                           "use --device cpu")
+    return dev
 
 
 def distributed_context() -> tuple[int, int]:
@@ -84,10 +121,16 @@ def distributed_context() -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class Trainer:
     def __init__(self, model, config: TrainConfig, run_dir, *, model_name: str, data_info: dict | None = None,
                  init_from: dict | None = None):
-        self.model, self.config, self.run_dir = model, config, Path(run_dir)
+        self.config, self.run_dir = config, Path(run_dir)
+        self.device = check_device(config.device)
+        self.model = model.to(self.device)
         self.model_name, self.data_info, self.init_from = model_name, data_info or {}, init_from
         self.rank, self.world = distributed_context()
         if config.batch_size % self.world:
@@ -118,7 +161,16 @@ class Trainer:
             else:  # DDP expects one backward per forward; several groups average their gradients explicitly
                 self._reduce_gradients = True
         self.epoch, self.step = 0, 0
+        self._resume_point: dict | None = None  # mid-epoch position restored from a checkpoint
         self._writer = None
+        self._stop_requested = False
+        self._checkpointed = False  # whether this run folder holds a checkpoint yet
+        self.best = None  # (val elbo, epoch)
+
+    def say(self, line: str) -> None:
+        """One line for the person watching (rank 0, when progress is on); plain text, so logs read well."""
+        if self.config.progress and self.rank == 0:
+            print(line, flush=True)
 
     # ----- run folder -----
     def run_config(self) -> dict:
@@ -130,81 +182,192 @@ class Trainer:
             "init_from": self.init_from,  # the pretrained run whose weights were copied first, if any
         }
 
-    def _prepare_run_dir(self, resume: bool) -> None:
-        config_path = self.run_dir / runs.CONFIG
+    def _check_resume_settings(self, saved: dict) -> None:
+        mine = json.loads(json.dumps(self.run_config()))  # tuples -> lists, as saved
+        for key in ("model", "model_config", "data"):
+            theirs = saved.get(key)
+            if isinstance(theirs, dict) and isinstance(mine[key], dict):
+                differ = sorted(k for k in set(theirs) | set(mine[key]) if theirs.get(k) != mine[key].get(k))
+                if differ:
+                    k = differ[0]
+                    raise CheckpointError(
+                        f"--resume: {key}.{k} differs from the run in {self.run_dir} (saved {theirs.get(k)!r}, "
+                        f"got {mine[key].get(k)!r}); resume with the saved settings (--resume needs only --out) or "
+                        "use a new --out"
+                    )
+            elif theirs != mine[key]:
+                raise CheckpointError(f"--resume: the {key} differs from the run in {self.run_dir} (saved "
+                                      f"{theirs!r}, got {mine[key]!r}); resume with the saved settings or a new --out")
+        saved_train = {"schedules": {}, **saved.get("train_config", {})}
+        for key, value in mine["train_config"].items():
+            if key not in RESUMABLE_CHANGES and key in saved_train and saved_train[key] != value:
+                raise CheckpointError(
+                    f"--resume: train_config.{key} differs from the saved run (saved {saved_train[key]!r}, got "
+                    f"{value!r}); only {', '.join(RESUMABLE_CHANGES)} may change"
+                )
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> dict | None:
+        """Check the folder and, on resume, load the checkpoint; write nothing until every check has passed.
+        Returns the loaded trainer state on resume."""
+        config_path, checkpoint_path = self.run_dir / runs.CONFIG, self.run_dir / runs.CHECKPOINT
+        has_config, has_checkpoint = config_path.is_file(), checkpoint_path.is_file()
+        state = None
         if resume:
+            if not has_checkpoint:
+                what = "an incomplete run (no checkpoint yet)" if has_config else "no run"
+                raise CheckpointError(f"--resume: {self.run_dir} holds {what}; train without --resume to start "
+                                      "it (an incomplete run is replaced)")
             saved = runs.read_json(config_path)
             self.init_from = saved.get("init_from")  # a resume continues from the checkpoint, not from init_from
-            mine = json.loads(json.dumps(self.run_config()))  # tuples -> lists, as saved
-            for key in ("model", "model_config", "data"):
-                if saved.get(key) != mine[key]:
-                    raise CheckpointError(
-                        f"--resume: the {key} differs from the run in {self.run_dir} (saved {saved.get(key)}, "
-                        f"got {mine[key]}); resume with the same settings or use a new --out"
-                    )
-            ignore = {"epochs", "progress", "tensorboard"}
-            saved["train_config"].setdefault("schedules", {})
-            saved_train = {k: v for k, v in saved["train_config"].items() if k not in ignore}
-            mine_train = {k: v for k, v in mine["train_config"].items() if k not in ignore}
-            if saved_train != mine_train:
-                raise CheckpointError(
-                    f"--resume: training settings differ from the saved run ({saved_train} vs {mine_train}); "
-                    "only --epochs may change"
-                )
-        elif (self.run_dir / runs.CONFIG).exists() or (self.run_dir / runs.CHECKPOINT).exists():
+            self._check_resume_settings(saved)
+            state = load_checkpoint(checkpoint_path, self.model, self.optimizers)  # in memory only
+        elif has_checkpoint and not overwrite:
             raise CheckpointError(
-                f"{self.run_dir} already holds a run; add --resume to continue it or choose another --out "
-                "(nothing was overwritten)"
+                f"{self.run_dir} already holds a run; add --resume to continue it, --overwrite to start it again, "
+                "or choose another --out (nothing was overwritten)"
             )
+        elif not has_config:
+            foreign = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+            if foreign:
+                raise CheckpointError(
+                    f"{self.run_dir} is not a run folder but holds {', '.join(foreign)}, which training would "
+                    "overwrite; choose another --out (nothing was touched)"
+                )
         if self.world > 1:  # every rank checks before rank 0 writes
             torch.distributed.barrier()
         if self.rank == 0:
-            runs.write_json(config_path, self.run_config())
             from elbolab.manifest import collect_manifest
 
-            runs.write_json(self.run_dir / runs.MANIFEST, collect_manifest(self.config.seed))
+            if resume:
+                manifest = runs.read_json(self.run_dir / runs.MANIFEST) if (
+                    self.run_dir / runs.MANIFEST).is_file() else collect_manifest(self.config.seed)
+                manifest.setdefault("resumes", []).append(
+                    {"time_utc": _now(), "command": sys.argv, "from_epoch": state["epoch"], "from_step": state["step"],
+                     "to_epochs": self.config.epochs})
+            else:
+                for name in RUN_FILES + (runs.CHECKPOINT, runs.CONFIG):  # our own files only
+                    target = self.run_dir / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+                manifest = collect_manifest(self.config.seed, extra=None)
+                manifest["command"] = sys.argv
+            runs.write_json(config_path, self.run_config())
+            runs.write_json(self.run_dir / runs.MANIFEST, manifest)
+        self._checkpointed = has_checkpoint and resume
+        return state
 
-    def _resume(self) -> None:
-        state = load_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers)
+    def _resume(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+        in_epoch = state.get("in_epoch")  # None at an epoch boundary
+        self._resume_point = None if in_epoch is None else {**in_epoch, "binarize": state["extra"]["binarize"]}
         if self.world > 1:  # every rank restarts from rank 0's RNG; make them differ again, deterministically
             torch.manual_seed(state["rng_seed_base"] + self.epoch * self.world + self.rank)
-        # drop metric records written after the checkpoint (an interrupted epoch)
+        self.best = tuple(state["best"]) if state.get("best") else None
+        # drop metric records written after the checkpoint (an interrupted epoch) and unreadable lines
         path = self.run_dir / runs.METRICS
         if self.rank == 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
-            runs.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+            records, _ = runs.read_metrics(path)
+            kept = [r for r in records if isinstance(r.get("epoch"), int) and r["epoch"] <= self.epoch]
+            runs.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     # ----- the loop -----
-    def fit(self, train, val=None, *, resume: bool = False) -> list[dict]:
+    def fit(self, train, val=None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare_run_dir(resume)
-        torch.manual_seed(cfg.seed * self.world + self.rank)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CheckpointError(f"--out {self.run_dir} is a file; expected a folder for the run (new or existing)")
         if len(train) < self.world:
             raise ElbolabError(f"expected at least {self.world} training examples, got {len(train)}")
-        if resume:
-            self._resume()
-        else:
-            self.model.prepare(train, self.context(0.0))
-        history = []
-        while self.epoch < cfg.epochs:
-            record = self._train_epoch(train)
-            records = [record]
-            if val is not None and len(val) and self.rank == 0:
-                records.append(self._validate(val))
-            self.epoch += 1
-            if self.rank == 0:
-                self._log(records)
-                state = {"epoch": self.epoch, "step": self.step, "rng_seed_base": cfg.seed * self.world}
-                save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, state)
-                runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict())
-            if self.world > 1:
-                torch.distributed.barrier()
-            history.extend(records)
-        if self._writer is not None:
-            self._writer.close()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = runs.RunLock(self.run_dir).acquire() if self.rank == 0 else None
+        try:
+            runs.remove_stale_temporaries(self.run_dir)
+            state = self._prepare_run_dir(resume, overwrite)  # on resume: the checkpoint's RNG state is restored
+            if resume:
+                self._resume(state)
+            else:
+                torch.manual_seed(cfg.seed * self.world + self.rank)
+                self.model.prepare(train, self.context(0.0))
+            return self._loop(train, val)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            if lock is not None:
+                lock.release()
+
+    def _loop(self, train, val) -> list[dict]:
+        cfg, history = self.config, []
+        previous = signal.getsignal(signal.SIGINT)
+        handle_sigint = self.world == 1 and previous is signal.default_int_handler
+        if handle_sigint:  # the first Ctrl-C stops at the next safe point; a second one stops at once
+            def request_stop(signum, frame):
+                self._stop_requested = True
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                print("\nstopping after this step (Ctrl-C again to stop at once, without a checkpoint)",
+                      file=sys.stderr, flush=True)
+
+            signal.signal(signal.SIGINT, request_stop)
+        started = time.perf_counter()
+        try:
+            while self.epoch < cfg.epochs:
+                epoch_start = time.perf_counter()
+                record = self._train_epoch(train)
+                records = [record]
+                if val is not None and len(val) and self.rank == 0:
+                    records.append(self._validate(val))
+                self.epoch += 1
+                seconds = time.perf_counter() - epoch_start
+                for r in records:
+                    r.update(time=_now(), seconds=round(seconds, 3))
+                if self.rank == 0:
+                    self._check_weights_finite()
+                    self._log(records)
+                    self._keep_best(records)
+                    self._save_checkpoint(None)
+                    runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict())
+                    self.say(epoch_line(self.epoch, cfg.epochs, records, seconds))
+                if self.world > 1:
+                    torch.distributed.barrier()
+                history.extend(records)
+        finally:
+            if handle_sigint:
+                signal.signal(signal.SIGINT, previous)
+            if self.rank == 0 and (self.run_dir / runs.MANIFEST).is_file():
+                manifest = runs.read_json(self.run_dir / runs.MANIFEST)
+                manifest["wall_time_s"] = round(manifest.get("wall_time_s", 0.0) + time.perf_counter() - started, 3)
+                manifest["finished_utc"] = _now()
+                runs.write_json(self.run_dir / runs.MANIFEST, manifest)
         return history
+
+    def _save_checkpoint(self, in_epoch: dict | None, generator: torch.Generator | None = None) -> None:
+        state = {"epoch": self.epoch, "step": self.step, "rng_seed_base": self.config.seed * self.world,
+                 "in_epoch": in_epoch, "best": list(self.best) if self.best else None}
+        extra = {"binarize": generator.get_state()} if generator is not None else {}
+        save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, state, extra)
+        self._checkpointed = True
+
+    def _check_weights_finite(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"the weights {bad[:3]} became NaN or inf in epoch {self.epoch}; "
+                                   f"{self._kept_message()}")
+
+    def _kept_message(self) -> str:
+        if self._checkpointed:
+            return (f"the last good checkpoint in {self.run_dir} is kept (continue with --resume after changing "
+                    "nothing, or start again with --overwrite and other settings)")
+        return (f"no checkpoint was written yet, so {self.run_dir} holds an incomplete run that the next "
+                "'elbolab train' into it replaces")
+
+    def _keep_best(self, records: list[dict]) -> None:
+        val = next((r for r in records if r["split"] == "val"), None)
+        if not self.config.keep_best or val is None:
+            return
+        score = val["elbo"] if "elbo" in val else -val["loss"]
+        if self.best is None or score > self.best[0]:
+            self.best = (score, self.epoch)
+            runs.save_tensors(self.run_dir / runs.BEST_WEIGHTS, self.model.state_dict())
 
     def context(self, epoch_progress: float) -> StepContext:
         return StepContext(step=self.step, epoch=epoch_progress, mc_samples=self.config.mc_samples,
@@ -219,29 +382,47 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch * 1009 + self.rank)
         batches = order.split(local_batch)
         self.model.train()
-        totals = MetricTotals()
-        for i, index in enumerate(self._progress(batches)):
-            batch = train.batch(index, generator)  # x [B, D], y, index
+        totals, start = MetricTotals(), 0
+        if self._resume_point is not None:  # continue an epoch where a mid-epoch checkpoint left it
+            start, totals = self._resume_point["batch"], MetricTotals.from_state(self._resume_point["totals"])
+            generator.set_state(self._resume_point["binarize"])
+            self._resume_point = None
+        bar = self._progress(len(batches), start)
+        for i in range(start, len(batches)):
+            index = batches[i]
+            batch = train.batch(index, generator).to(next(self.model.parameters()))  # x [B, D], y, index
             out = self.module(batch, self.context(self.epoch + i / len(batches)))
             self._step(out)
             totals.add(out, len(index))
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix_str(totals.running(), refresh=False)
+            if i + 1 < len(batches) and (self._stop_requested or (
+                    cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                if self.rank == 0:
+                    self._save_checkpoint({"batch": i + 1, "totals": totals.state()}, generator)
+                if self._stop_requested:
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingInterrupted(
+                        f"stopped at epoch {self.epoch + 1}, step {self.step} ({i + 1} of {len(batches)} batches); "
+                        f"checkpoint written. Continue exactly where it stopped with: elbolab train --out "
+                        f"{self.run_dir} --resume"
+                    )
+        if bar is not None:
+            bar.close()
         record = totals.means(self.world)
         record.update(epoch=self.epoch + 1, step=self.step, split="train",
                       **evaluate_schedules(self.schedules, self.epoch + 1))
         return record
 
     def _step(self, out) -> None:
-        """Back each group's loss into that group's parameters only, then step every optimiser."""
+        """Back each group's loss into that group's parameters only, check everything is finite, then step every
+        optimiser (a non-finite loss or gradient stops the run before any weight changes)."""
         missing = set(self.groups) - set(out.losses)
         if missing:
             raise ElbolabError(f"{type(self.model).__name__}.loss returned no loss for the groups {sorted(missing)}")
-        for name, value in out.losses.items():
-            if not torch.isfinite(value):
-                raise TrainingDiverged(
-                    f"the {name} loss became {value.item()} at epoch {self.epoch + 1}, step {self.step + 1}; the "
-                    f"last good checkpoint in {self.run_dir} is kept. Try a lower --lr, a Bernoulli likelihood for "
-                    "[0,1] data, or check the data for extreme values"
-                )
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         names = list(self.groups)
@@ -258,9 +439,25 @@ class Trainer:
                 flat.div_(self.world)
                 for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
                     p.grad = g
+        grads = [p.grad for params in self.groups.values() for p in params if p.grad is not None]
+        checked = [v.detach().reshape(1) for v in out.losses.values()] + [n.reshape(1) for n in
+                                                                          torch._foreach_norm(grads)]
+        if not torch.isfinite(torch.cat(checked)).all():  # one synchronisation for every loss and gradient
+            self._diverged(out, grads)
         for optimizer in self.optimizers.values():
             optimizer.step()
         self.step += 1
+
+    def _diverged(self, out, grads) -> None:
+        bad_loss = next((f"the {name} loss became {v.item()}" for name, v in out.losses.items()
+                         if not torch.isfinite(v)), None)
+        bad_grads = sum(not torch.isfinite(g).all() for g in grads)
+        what = bad_loss or f"the gradients of {bad_grads} tensors became NaN or inf"
+        raise TrainingDiverged(
+            f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; no weight was updated with it, and "
+            f"{self._kept_message()}. Try a lower --lr, a Bernoulli likelihood for [0,1] data, or check the data "
+            "for extreme values"
+        )
 
     @torch.no_grad()
     def _validate(self, val, batch_size: int = 1000) -> dict:
@@ -269,18 +466,21 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed + 7919)  # the same binarisation every epoch
         ctx = self.context(self.epoch + 1)  # the schedules' values at the end of this epoch, as logged for train
         totals = MetricTotals()
+        param = next(self.model.parameters())
         for index in torch.arange(len(val)).split(batch_size):
-            totals.add(self.model(val.batch(index, generator), ctx), len(index))
+            totals.add(self.model(val.batch(index, generator).to(param), ctx), len(index))
         record = totals.means(1)
         record.update(epoch=self.epoch + 1, step=self.step, split="val", **ctx.values)
         return record
 
-    def _progress(self, batches):
-        if not self.config.progress or self.rank != 0:
-            return batches
+    def _progress(self, total: int, done: int):
+        """A progress bar on a terminal only: redirected output gets the plain epoch lines and nothing else."""
+        if not self.config.progress or self.rank != 0 or not sys.stderr.isatty():
+            return None
         from tqdm.auto import tqdm
 
-        return tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=None)
+        return tqdm(total=total, initial=done, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
+                    unit="batch", dynamic_ncols=True)
 
     def _log(self, records: list[dict]) -> None:
         with open(self.run_dir / runs.METRICS, "a") as f:
@@ -293,9 +493,18 @@ class Trainer:
                 self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             for r in records:
                 for key, value in r.items():
-                    if key not in ("epoch", "step", "split"):
+                    if key not in ("epoch", "step", "split", "time") and isinstance(value, (int, float)):
                         self._writer.add_scalar(f"{r['split']}/{key}", value, r["epoch"])
             self._writer.flush()
+
+
+def epoch_line(epoch: int, epochs: int, records: list[dict], seconds: float) -> str:
+    """'epoch 3/10  train elbo -95.21 kl 21.3 | val elbo -96.03 kl 21.0 | 12.4 s'."""
+    parts = [f"epoch {epoch}/{epochs}"]
+    for r in records:
+        keys = [k for k in ("elbo", "kl", "iwae_bound") if k in r] or ["loss"]
+        parts.append(f"{r['split']} " + " ".join(f"{k} {r[k]:.2f}" for k in keys))
+    return "  ".join(parts[:1]) + "  " + " | ".join(parts[1:]) + f" | {seconds:.{2 if seconds < 10 else 1}f} s"
 
 
 class MetricTotals:
@@ -314,6 +523,20 @@ class MetricTotals:
                 total = float(value.sum()) if value.dim() else float(value) * batch_size
                 self.sums[key] = self.sums.get(key, 0.0) + total
         self.count += batch_size
+
+    def running(self) -> str:
+        """The running means so far, for the progress bar."""
+        keys = [k for k in ("elbo", "kl", "iwae_bound") if k in self.sums] or ["loss"]
+        return " ".join(f"{k} {self.sums[k] / max(self.count, 1):.2f}" for k in keys if k in self.sums)
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict) -> MetricTotals:
+        totals = cls()
+        totals.sums, totals.count = dict(state["sums"]), int(state["count"])
+        return totals
 
     def means(self, world: int) -> dict[str, float]:
         keys = sorted(self.sums)

@@ -102,7 +102,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, expected, capsys, tmp_path
 
 def test_usage_errors_exit_2(capsys):
     code, _, err = run(capsys, "train")
-    assert code == 2 and "Missing argument" in err
+    assert code == 2 and "Missing option '--out'" in err
 
 
 def test_console_script_exit_code_and_debug_traceback(tmp_path):

@@ -7,21 +7,27 @@ the number of samples, so the two curves can be compared on one scale."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
-from sklearn.exceptions import ConvergenceWarning
 
-from elbolab.classical._mixture_common import COVARIANCE_TYPES
-from elbolab.data.arrays import _is_number  # one CSV cell rule for every reader
 from elbolab.errors import DataError, ElbolabError
+from elbolab.outputs import check_output_folder
+
+# NumPy, scikit-learn, torch and the estimators are imported inside the functions: this module is imported by
+# 'elbolab --help', which must start in a fraction of a second.
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(help="Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI).",
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 METHODS = ("em", "vb")
+COVARIANCES = ("full", "tied", "diag", "spherical")  # as _mixture_common.COVARIANCE_TYPES (checked by a test)
+OUTPUTS = ("params.json", "labels.npy", "curve.csv", "curve.png", "contours.png")
 
 
 @app.callback()
@@ -29,8 +35,36 @@ def _group() -> None:
     """Gaussian mixtures fitted by EM (maximum likelihood) or variational Bayes (CAVI)."""
 
 
+def _read_text(path: Path) -> str:
+    """The text of a CSV file (UTF-8, a byte-order mark dropped); binary content is one DataError, not a
+    UnicodeDecodeError traceback."""
+    data = path.read_bytes()
+    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip archive (.npz?)",
+             b"\x93NUMPY": "a NumPy .npy array", b"%PDF": "a PDF document"}
+    kind = next((name for magic, name in kinds.items() if data.startswith(magic)), None)
+    where = None
+    if kind is None:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            where = f"byte {err.start} is not UTF-8 text"
+        else:
+            if "\x00" not in text:
+                return text
+            where = f"a NUL byte at position {data.index(0)}"
+    got = kind or f"binary data ({where})"
+    hint = "rename it to .npy" if kind == "a NumPy .npy array" else (
+        "export the data as comma-separated text (UTF-8), or save it with np.save as .npy")
+    raise DataError(f"expected a text CSV file of numbers in {path}, got {got}; {hint}")
+
+
 def load_matrix(path: Path) -> np.ndarray:
-    """A numeric [N, D] float64 array from .npy or .csv (comma-separated, optional header row; 1-D = one feature)."""
+    """A numeric [N, D] float64 array from .npy or .csv (comma-separated UTF-8 text, optional header row; 1-D = one
+    feature)."""
+    import numpy as np
+
+    from elbolab.data.arrays import _is_number  # one CSV cell rule for every reader
+
     if not path.is_file():
         raise DataError(f"expected a data file, got no file at {path}")
     suffix = path.suffix.lower()
@@ -41,8 +75,8 @@ def load_matrix(path: Path) -> np.ndarray:
             raise DataError(f"expected a numeric .npy array in {path}, could not read it ({err}); save it with "
                             "np.save(path, X.astype(float))") from None
     elif suffix == ".csv":
-        with path.open(newline="") as handle:
-            rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        rows = [row for row in csv.reader(io.StringIO(_read_text(path), newline=""))
+                if any(cell.strip() for cell in row)]
         if rows and not all(_is_number(cell) for cell in rows[0]):
             rows = rows[1:]  # header line
         widths = {len(row) for row in rows}
@@ -68,6 +102,7 @@ def load_matrix(path: Path) -> np.ndarray:
 
 def _plot_curve(history, ylabel: str, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,6 +118,7 @@ def _plot_curve(history, ylabel: str, path: Path) -> None:
 
 def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,6 +141,8 @@ def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: P
 
 
 def _tolist(value):
+    import numpy as np
+
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
@@ -116,11 +154,47 @@ def bound_per_sample(model, method: str, n_samples: int) -> tuple[str, float, np
     (the VB value then sits a little below the EM one: the ELBO bounds the log evidence, not the maximised
     likelihood).
     """
+    import numpy as np
+
     history = np.asarray(model.lower_bound_history_, dtype=np.float64)
     final = float(model.lower_bound_)
     if method == "em":
         return "mean log-likelihood per sample (nats)", final, history
     return "ELBO per sample (nats)", final / n_samples, history / n_samples
+
+
+def _check_vb_prior(X: np.ndarray, covariance: str, path: Path) -> None:
+    """Variational Bayes scales its Wishart (or Gamma) prior by the data covariance (its diagonal for diag, the
+    mean variance for spherical); refuse data for which that is singular, naming what the command line offers."""
+    import numpy as np
+
+    if X.shape[0] < 2:
+        return  # the estimator then uses unit variances
+    constant = [int(j) + 1 for j in np.flatnonzero(np.ptp(X, axis=0) == 0)]
+    if constant and (covariance != "spherical" or len(constant) == X.shape[1]):
+        others = "--method em (its --reg-covar keeps the covariances invertible)"
+        if covariance != "spherical" and len(constant) < X.shape[1]:
+            others += " or --covariance spherical"
+        raise DataError(f"--method vb --covariance {covariance} needs every column to vary (its prior is scaled by "
+                        f"the data's variances), got constant column(s) {constant} (counting from 1) in {path}; "
+                        f"remove them from the file (a constant says nothing about the clusters), or use {others}")
+    if covariance in ("full", "tied") and X.shape[1] > 1:
+        try:
+            np.linalg.cholesky(np.atleast_2d(np.cov(X.T)))
+        except np.linalg.LinAlgError:
+            raise DataError(f"--method vb --covariance {covariance} needs columns that are not linearly dependent "
+                            f"(its prior is scaled by the data covariance, which is singular for {path}: a column "
+                            "is a multiple or a sum of others); remove the redundant column(s), or use "
+                            "--covariance diag or --method em") from None
+
+
+def _for_the_command_line(err: ElbolabError) -> ElbolabError:
+    """An estimator's message names its Python arguments; on the command line they are flags."""
+    text = str(err)
+    for python, flag in (("reg_covar", "--reg-covar"), ("fewer components (now", "fewer components with -k (now"),
+                         (", or use dtype='float64'", ""), (" ; float64 (dtype='float64') is also more robust", "")):
+        text = text.replace(python, flag)  # the CLI always fits in float64
+    return ElbolabError(text)
 
 
 @app.command("fit")
@@ -129,32 +203,51 @@ def fit_command(
     n_components: int = typer.Option(..., "-k", "--n-components", help="number of mixture components K"),
     covariance: str = typer.Option("full", "--covariance", help="full | diag | spherical | tied"),
     method: str = typer.Option("em", "--method", help="em (maximum likelihood) | vb (variational Bayes)"),
-    out: Path = typer.Option(Path("gmm-out"), "--out", help="output folder (created; our files in it overwritten)"),
+    out: Path = typer.Option(Path("gmm-out"), "--out", help="output folder (created; an earlier fit's files in it "
+                                                            "are replaced only with --overwrite)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an earlier fit in --out"),
     seed: int = typer.Option(0, "--seed", help="random seed of the k-means initialisation"),
     max_iter: int = typer.Option(100, "--max-iter"),
     tol: float = typer.Option(1e-3, "--tol", help="stop when the fitted bound changes by less than this "
                               "(EM: per sample; VB: the whole-data ELBO, as the estimators define tol)"),
     n_init: int = typer.Option(1, "--n-init", help="restarts; the best bound is kept"),
+    reg_covar: float = typer.Option(1e-6, "--reg-covar", help="added to the diagonal of every covariance estimate "
+                                    "(as scikit-learn); raise it when a component collapses onto a few points"),
 ):
     """Fit a Gaussian mixture and write params.json, labels.npy, curve.csv/.png and (2-D data) contours.png."""
-    from elbolab.classical import BayesianGaussianMixture, GaussianMixture
-
     if method not in METHODS:
         raise ElbolabError(f"expected --method in {list(METHODS)}, got {method!r}")
-    if covariance not in COVARIANCE_TYPES:
-        raise ElbolabError(f"expected --covariance in {list(COVARIANCE_TYPES)}, got {covariance!r}")
+    if covariance not in COVARIANCES:
+        raise ElbolabError(f"expected --covariance in {list(COVARIANCES)}, got {covariance!r}")
+    if not reg_covar >= 0:
+        raise ElbolabError(f"expected --reg-covar >= 0, got {reg_covar}; the default is 1e-6")
+    check_output_folder(out, OUTPUTS, overwrite=overwrite)
     X = load_matrix(data)
+    if method == "vb":
+        _check_vb_prior(X, covariance, data)
+
+    import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
+
+    from elbolab.classical import BayesianGaussianMixture, GaussianMixture
+
     settings = dict(n_components=n_components, covariance_type=covariance, random_state=seed,
-                    max_iter=max_iter, tol=tol, n_init=n_init)
+                    max_iter=max_iter, tol=tol, n_init=n_init, reg_covar=reg_covar)
     model = GaussianMixture(**settings) if method == "em" else BayesianGaussianMixture(**settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X)
+        try:
+            model.fit(X)
+        except ElbolabError as err:
+            raise _for_the_command_line(err) from err
     labels = model.predict(X)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # --overwrite: no file of the earlier fit survives (e.g. contours.png of other data)
+        (out / name).unlink(missing_ok=True)
     bound_name, bound, history = bound_per_sample(model, method, X.shape[0])
     params = {"method": method, "covariance_type": covariance, "n_components": n_components,
               "n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "seed": seed,
+              "reg_covar": reg_covar,
               "converged": bool(model.converged_), "n_iter": int(model.n_iter_), "bound_name": bound_name,
               "lower_bound": bound, "weights": _tolist(model.weights_),
               "means": _tolist(model.means_), "covariances": _tolist(model.covariances_)}

@@ -32,6 +32,27 @@ def builtin_image(size: int = 64) -> np.ndarray:
     return np.where(ring | triangle | letter_t, -1.0, 1.0)
 
 
+def image_size(path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, read from its header without decoding the pixels (so that a huge image
+    can be refused before it fills the memory)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ElbolabError(f"Expected an image file, but {str(path)!r} does not exist or is not a file.")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read here; the size is judged by the caller
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as error:  # Pillow raises several types for unreadable files
+        raise ElbolabError(f"Could not read {str(path)!r} as an image ({type(error).__name__}: {error}); "
+                           "give a PNG file.") from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return height, width
+
+
 def load_png(path, threshold: float = 0.5) -> np.ndarray:
     """Read an image file as a ``{-1, +1}`` array: grey level (RGB mean, in [0, 1]) above ``threshold`` -> +1.
 

@@ -13,13 +13,31 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
-from elbolab.classical.images import add_gaussian_noise, builtin_image, error_rate, flip_pixels, load_png, save_png
-from elbolab.classical.ising import IsingDenoiser, IsingModel
-from elbolab.classical.variations import arc_length_lagrangian, minimize_functional
 from elbolab.errors import ElbolabError
+from elbolab.outputs import check_memory, check_output_folder, round_down
+
+# NumPy, torch, matplotlib and the estimators are imported inside the commands: this module is imported by
+# 'elbolab --help', which must start in a fraction of a second.
+
+DENOISE_OUTPUTS = ("clean.png", "noisy.png", "denoised.png", "posterior_mean.png", "elbo.png", "result.json")
+CURVE_OUTPUTS = ("iterates.png", "result.json")
+# Peak memory per pixel of a denoise run (the image, its noisy copy, the posterior and the fields in float64, the
+# torch work arrays and the PNG writer): 75-95 bytes measured for every method at 1024 and 2048 pixels a side.
+BYTES_PER_PIXEL = 128
+
+
+def _check_image_memory(height: int, width: int, what: str, hint) -> None:
+    check_memory(float(height) * float(width) * BYTES_PER_PIXEL, what, hint)
+
+
+def _for_the_command_line(message: str) -> str:
+    """The denoiser's advice names its Python arguments; on the command line they are flags."""
+    for python, flag in (("(max_sweeps)", "(--sweeps)"), ("a smaller damping", "a smaller --damping"),
+                         ("schedule='checkerboard'", "--schedule checkerboard")):
+        message = message.replace(python, flag)
+    return message
 
 
 def _figure():
@@ -42,9 +60,29 @@ def denoise_command(
     sweeps: int = typer.Option(1000, help="Maximum sweeps (mean-field, ICM); sweeps run (Gibbs)."),
     seed: int = typer.Option(0, help="Seed of the noise and of the Gibbs sampler."),
     size: int = typer.Option(128, help="Side of the built-in image in pixels."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder (created; an earlier run's files in it are "
+                                                "replaced only with --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
 ) -> None:
     """Add noise to a binary image, denoise it, and write the pictures, ELBO curve and error rates."""
+    check_output_folder(out, DENOISE_OUTPUTS, overwrite=overwrite)
+    if image is None:
+        if size < 8:
+            raise ElbolabError(f"expected --size of at least 8 pixels, got {size}; the default is 128")
+        _check_image_memory(size, size, f"--size {size}", lambda budget: (
+            f"use --size {round_down(math.isqrt(int(budget // BYTES_PER_PIXEL)))} or less (the default is 128)"))
+    else:
+        from elbolab.classical.images import image_size
+
+        height, width = image_size(image)
+        _check_image_memory(height, width, f"denoising {image} ({width} x {height} pixels)", lambda budget: (
+            f"shrink it to at most {round_down(budget // BYTES_PER_PIXEL)} pixels"))
+
+    import numpy as np
+
+    from elbolab.classical.images import add_gaussian_noise, builtin_image, error_rate, flip_pixels, load_png, save_png
+    from elbolab.classical.ising import IsingDenoiser, IsingModel
+
     IsingModel(coupling, noise, sigma, p)  # checks the noise settings before any work
     clean = builtin_image(size) if image is None else load_png(image)
     noisy = add_gaussian_noise(clean, sigma, seed) if noise == "gaussian" else flip_pixels(clean, p, seed)
@@ -56,9 +94,11 @@ def denoise_command(
         denoiser.fit(noisy)
     elapsed = time.perf_counter() - start
     for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
+        typer.echo(f"warning: {_for_the_command_line(str(warning.message))}", err=True)
 
     out.mkdir(parents=True, exist_ok=True)
+    for name in DENOISE_OUTPUTS:  # --overwrite: no file of the earlier run survives
+        (out / name).unlink(missing_ok=True)
     spread = 1.0 + 2.0 * sigma if noise == "gaussian" else 1.0
     save_png(clean, out / "clean.png")
     save_png(noisy, out / "noisy.png", vmin=-spread, vmax=spread)
@@ -100,9 +140,17 @@ def shortest_curve_command(
     points: int = typer.Option(33, help="Nodes of the discretised curve, end points included (>= 3)."),
     steps: int = typer.Option(1000, help="Most optimizer steps."),
     optimizer: str = typer.Option("lbfgs", help="lbfgs, adam or gd."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder (created; an earlier run's files in it are "
+                                                "replaced only with --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
 ) -> None:
     """Minimise the arc length between (0, 0) and (1, 1) from a curvy start; plot the iterates."""
+    check_output_folder(out, CURVE_OUTPUTS, overwrite=overwrite)
+
+    import numpy as np
+
+    from elbolab.classical.variations import arc_length_lagrangian, minimize_functional
+
     x0, x1, y0, y1 = 0.0, 1.0, 0.0, 1.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,6 +162,8 @@ def shortest_curve_command(
     deviation = float(np.abs(result.y - line).max())
 
     out.mkdir(parents=True, exist_ok=True)
+    for name in CURVE_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
     fig = _figure()
     ax = fig.add_subplot()
     # At most 12 curves, spaced evenly in log(step) because the early steps change the curve most.

@@ -13,6 +13,7 @@ from pathlib import Path
 from elbolab.data.arrays import ARRAY_SUFFIXES, load_array_file, load_digits
 from elbolab.data.core import BINARIZE_MODES, TEST_FRACTION, Batch, DataSplits, TensorData, ValSize, as_batch
 from elbolab.data.idx import read_idx
+from elbolab.data.memory import IN_MEMORY, in_memory_source, load_arrays, load_in_memory
 from elbolab.data.mnist import find_mnist_dir, load_mnist
 from elbolab.errors import DataError
 
@@ -28,8 +29,10 @@ __all__ = [
     "TensorData",
     "find_mnist_dir",
     "load_array_file",
+    "load_arrays",
     "load_data",
     "load_digits",
+    "load_in_memory",
     "load_mnist",
     "read_idx",
 ]
@@ -65,6 +68,10 @@ def _digits(*, data_dir=None, **options) -> DataSplits:
 @register_source("mnist")
 def _mnist(*, data_dir=None, **options) -> DataSplits:
     return load_mnist(data_dir, **options)
+
+
+# Arrays passed from Python (pipeline.train("vae", x, ...)); a run naming this source says how to evaluate it.
+register_source(IN_MEMORY)(in_memory_source)
 
 
 def load_data(

@@ -75,13 +75,25 @@ def load_array_file(
             f"expected one of {', '.join(ARRAY_SUFFIXES)}"
         )
     raw_x, raw_y = readers[suffix](path)
-    x, image_shape = _features(raw_x, path)
-    y = None if raw_y is None else _labels(raw_y, x.shape[0], path)
-    x_tensor = torch.from_numpy(x.astype(np.float32))  # [N, D]
-    check_unit_interval(x_tensor, binarize, str(path))
+    x_tensor, y, image_shape = validate_arrays(raw_x, raw_y, path, binarize)
     return split_three_ways(
         path.stem, x_tensor, y, image_shape, binarize=binarize, seed=seed, val_size=val_size
     )
+
+
+def validate_arrays(
+    raw_x: np.ndarray, raw_y: np.ndarray | None, where, binarize: str
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+    """Checked features as float32 [N, D], labels as int64 [N] (or None) and the image shape (or None).
+
+    ``where`` names the data in messages (a file path, "in-memory array"). See ``_features`` and ``_labels``;
+    binarize other than "none" also needs values in [0, 1].
+    """
+    x, image_shape = _features(raw_x, where)
+    y = None if raw_y is None else _labels(raw_y, x.shape[0], where)
+    x_tensor = torch.from_numpy(x.astype(np.float32))  # [N, D]
+    check_unit_interval(x_tensor, binarize, str(where))
+    return x_tensor, y, image_shape
 
 
 def _check_numpy_format(path: Path, wanted: str, hint: str) -> None:
@@ -225,7 +237,7 @@ def _features(array: np.ndarray, path: Path) -> tuple[np.ndarray, tuple[int, int
             first_row = int(np.flatnonzero(bad.any(axis=1))[0])
             raise DataError(
                 f"{path} contains {int(bad.sum())} {label} value(s) (first in row {first_row}, counting from "
-                "0 without the header): remove or impute them"
+                f"0{' without the header' if str(path).lower().endswith('.csv') else ''}): remove or impute them"
             )
     if np.abs(x).max(initial=0.0) > np.finfo(np.float32).max:
         raise DataError(f"{path} has values beyond the float32 range: rescale the data")

@@ -43,7 +43,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
     """Read one unsigned-byte IDX file (gzipped or not, detected from its content) into a uint8 array.
 
     ndim, when given, is the number of dimensions the file must declare (3 for images, 1 for labels).
-    Raises DataError for a missing, corrupt, truncated or oversized file.
+    Raises DataError for a missing, corrupt, truncated, empty (0 items declared) or oversized file.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -87,6 +87,13 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
         raise DataError(
             f"{path} holds {got} bytes of data but its header declares {shape} = {expected} bytes; "
             "the file is corrupt or not an IDX file. Re-download it"
+        )
+    if expected == 0:
+        what = "0 items" if dims[0] == 0 else f"items of {' x '.join(str(d) for d in dims[1:])} values"
+        raise DataError(
+            f"{path} holds no data: its header declares {shape} (magic 0x{magic:08x}), i.e. {what}; expected at "
+            "least one item of at least one value (MNIST: 60000 or 10000 images of 28 x 28). The file is damaged "
+            "or was cut down to nothing; re-download it"
         )
     # A copy, so the array is writable and does not pin the whole byte string.
     return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header_size).reshape(dims).copy()

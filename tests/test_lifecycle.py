@@ -1,0 +1,281 @@
+"""The run lifecycle: what a run prints, stopping (Ctrl-C) and exact resume mid-epoch, crashes and NaNs before and
+after the first checkpoint, --resume with only --out, --overwrite, locking, never touching a user's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elbolab import pipeline, runs
+from elbolab.cli import main
+from elbolab.data import load_data
+from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged, TrainingInterrupted
+from elbolab.models import ModelConfig, register_model
+from elbolab.models.vae import VAE
+from elbolab.trainer import TrainConfig, Trainer
+
+QUIET = dict(latent_dim=2, hidden=(16,), batch_size=64, tensorboard=False, figures=False)
+STEPS_PER_EPOCH = 20  # 1257 digits training rows / 64
+
+
+def _weights(run):
+    return load_file(str(run / runs.WEIGHTS))
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+class _Trouble(VAE):
+    """A VAE that, at its N-th training step, sends itself SIGINT (a Ctrl-C), raises (a crash), or returns a NaN
+    loss or NaN gradients."""
+
+    at, kind = 10**9, "sigint"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+
+    def loss(self, batch, ctx):
+        out = super().loss(batch, ctx)
+        if not self.training:
+            return out
+        self.calls += 1
+        if self.calls == type(self).at:
+            if self.kind == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            elif self.kind == "crash":
+                raise RuntimeError("simulated crash")
+            elif self.kind == "nan-loss":
+                out.losses["model"] = out.loss * float("nan")
+            elif self.kind == "nan-grad":  # a finite loss (sqrt(0) = 0) whose gradient is inf * 0 = NaN
+                out.losses["model"] = out.loss + torch.sqrt((self.decoder[0].bias * 0).sum())
+        return out
+
+
+register_model("test-trouble")(_Trouble)
+
+
+def _trouble(kind, at):
+    _Trouble.kind, _Trouble.at = kind, at
+
+
+@pytest.fixture(autouse=True)
+def _reset_trouble():
+    yield
+    _trouble("sigint", 10**9)
+
+
+# ------------------------------------------------------------------------------------------- watching
+def test_a_run_prints_plain_epoch_lines_and_a_summary(tmp_path, capsys):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=2, **QUIET)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("epoch 1/2  train elbo ") and "| val elbo " in lines[0] and lines[0].endswith(" s")
+    assert lines[1].startswith("epoch 2/2")
+    assert "best val ELBO" in lines[2] and str((run / "index.html").resolve()) in lines[2]
+    assert "\r" not in out  # not a terminal: no progress-bar redraws
+    records = [json.loads(line) for line in (run / runs.METRICS).read_text().splitlines()]
+    assert all("time" in r and r["time"].endswith("+00:00") and r["seconds"] >= 0 for r in records)
+    manifest = json.loads((run / runs.MANIFEST).read_text())
+    assert manifest["wall_time_s"] > 0 and manifest["summary"]["best_epoch"] in (1, 2)
+    assert isinstance(manifest["command"], list)
+
+
+def test_posterior_collapse_is_called_out(tmp_path, capsys):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=2, beta=30.0, **QUIET)
+    out = capsys.readouterr().out
+    assert "warning: posterior collapse" in out and "--kl-warmup" in out and "free_bits" in out
+    summary = json.loads((run / runs.MANIFEST).read_text())["summary"]
+    assert summary["active_units"] == 0 and summary["collapse_warning"]
+    healthy = pipeline.train("vae", "digits", out=tmp_path / "h", epochs=3, **dict(QUIET, lr=3e-3))
+    assert json.loads((healthy / runs.MANIFEST).read_text())["summary"]["collapse_warning"] is None
+
+
+# ------------------------------------------------------------------------------------ stopping, resuming
+def test_ctrl_c_stops_at_a_safe_point_and_resume_is_exact_mid_epoch(tmp_path, capsys):
+    opts = dict(QUIET, binarize="dynamic", mc_samples=2, seed=5)
+    straight = pipeline.train("test-trouble", "digits", out=tmp_path / "straight", epochs=2, **opts)
+    _trouble("sigint", STEPS_PER_EPOCH + 7)  # in the middle of epoch 2
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "stopped", epochs=2, **opts)
+    state = runs.load_tensors(tmp_path / "stopped" / runs.CHECKPOINT)[1]["trainer"]
+    assert state["epoch"] == 1 and state["in_epoch"]["batch"] == 7 and state["step"] == STEPS_PER_EPOCH + 7
+    _trouble("sigint", 10**9)
+    resumed = pipeline.train(out=tmp_path / "stopped", resume=True, figures=False)  # only --out
+    _assert_same_weights(straight, resumed)
+    a = [json.loads(x) for x in (straight / runs.METRICS).read_text().splitlines()]
+    b = [json.loads(x) for x in (resumed / runs.METRICS).read_text().splitlines()]
+    for ra, rb in zip(a, b, strict=True):  # the interrupted epoch's averages are exact too
+        assert {k: v for k, v in ra.items() if k not in ("time", "seconds")} == {
+            k: v for k, v in rb.items() if k not in ("time", "seconds")}
+    manifest = json.loads((resumed / runs.MANIFEST).read_text())
+    assert len(manifest["resumes"]) == 1 and manifest["resumes"][0]["from_step"] == STEPS_PER_EPOCH + 7
+
+
+def test_cli_ctrl_c_exits_130_and_says_how_to_continue(tmp_path, capsys):
+    _trouble("sigint", 3)
+    code = main(["train", "test-trouble", "--out", str(tmp_path / "r"), "--epochs", "1", "--hidden", "8",
+                 "--latent-dim", "2", "--no-tensorboard"])
+    err = capsys.readouterr().err
+    assert code == 130 and f"elbolab train --out {tmp_path / 'r'} --resume" in err
+
+
+def test_checkpoint_every_allows_exact_resume_after_a_crash(tmp_path):
+    opts = dict(QUIET, binarize="dynamic", seed=1)
+    straight = pipeline.train("test-trouble", "digits", out=tmp_path / "s", epochs=1, **opts)
+    _trouble("crash", 11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "c", epochs=1, checkpoint_every=4, **opts)
+    state = runs.load_tensors(tmp_path / "c" / runs.CHECKPOINT)[1]["trainer"]
+    assert state["step"] == 8 and state["in_epoch"]["batch"] == 8
+    _trouble("crash", 10**9)
+    resumed = pipeline.train(out=tmp_path / "c", resume=True, figures=False)
+    _assert_same_weights(straight, resumed)
+
+
+def test_resume_changes_nothing_when_it_fails(tmp_path):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, **QUIET)
+    before = {name: (run / name).read_bytes() for name in (runs.CONFIG, runs.MANIFEST, runs.CHECKPOINT,
+                                                             runs.METRICS)}
+    with pytest.raises(ElbolabError, match="latent_dim differs"):
+        pipeline.train(out=run, resume=True, epochs=2, latent_dim=3, figures=False)
+    with pytest.raises(ElbolabError, match="trained on"):
+        pipeline.train("vae", "mnist", out=run, resume=True, epochs=2, figures=False)
+    (run / runs.CHECKPOINT).write_bytes(before[runs.CHECKPOINT][:100])  # a damaged checkpoint
+    with pytest.raises(CheckpointError):
+        pipeline.train(out=run, resume=True, epochs=2, figures=False)
+    for name in (runs.CONFIG, runs.MANIFEST, runs.METRICS):
+        assert (run / name).read_bytes() == before[name], name
+
+
+# --------------------------------------------------------------------------------- failures and NaNs
+@pytest.mark.parametrize("kind", ["nan-loss", "nan-grad"])
+def test_nan_before_the_first_checkpoint_leaves_a_folder_that_can_be_trained_into(kind, tmp_path):
+    _trouble(kind, 3)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "r", epochs=1, **QUIET)
+    _trouble(kind, 10**9)
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        pipeline.train(out=tmp_path / "r", resume=True, figures=False)
+    pipeline.train("test-trouble", "digits", out=tmp_path / "r", epochs=1, **QUIET)  # no --overwrite needed
+    assert (tmp_path / "r" / runs.CHECKPOINT).is_file()
+
+
+def test_nan_gradient_stops_before_any_weight_changes(tmp_path):
+    _trouble("nan-grad", STEPS_PER_EPOCH + 2)
+    with pytest.raises(TrainingDiverged, match="gradients of .* became NaN"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "r", epochs=2, **QUIET)
+    saved = runs.load_tensors(tmp_path / "r" / runs.CHECKPOINT)[0]
+    assert all(torch.isfinite(v).all() for k, v in saved.items() if k.startswith("model."))
+    assert runs.load_tensors(tmp_path / "r" / runs.CHECKPOINT)[1]["trainer"]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------ sharing a folder
+def test_overwrite_restarts_and_is_needed_to_replace_a_run(tmp_path):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, **QUIET)
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        pipeline.train("vae", "digits", out=run, epochs=1, **QUIET)
+    pipeline.train("vae", "digits", out=run, epochs=1, overwrite=True, **dict(QUIET, latent_dim=3))
+    assert json.loads((run / runs.CONFIG).read_text())["model_config"]["latent_dim"] == 3
+    assert len((run / runs.METRICS).read_text().splitlines()) == 2  # the old records are gone
+
+
+def test_a_folder_in_use_is_refused(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    lock = runs.RunLock(folder).acquire()
+    try:
+        with pytest.raises(CheckpointError, match="in use"):
+            pipeline.train("vae", "digits", out=folder, epochs=1, **QUIET)
+    finally:
+        lock.release()
+    assert not (folder / runs.CONFIG).exists()
+    pipeline.train("vae", "digits", out=folder, epochs=1, **QUIET)  # released: trains
+
+
+def test_a_users_files_are_never_overwritten(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("my notes")
+    (folder / "index.html").write_text("my page")
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        pipeline.train("vae", "digits", out=folder, epochs=1, **QUIET)
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        pipeline.train("vae", "digits", out=folder, epochs=1, overwrite=True, **QUIET)
+    assert (folder / "manifest.json").read_text() == "my notes" and (folder / "index.html").read_text() == "my page"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        pipeline.train("vae", "digits", out=tmp_path / "a-file", epochs=1, **QUIET)
+
+
+def test_files_get_the_users_umask_and_stale_temporaries_are_removed(tmp_path):
+    old = os.umask(0o027)
+    try:
+        folder = tmp_path / "r"
+        folder.mkdir()
+        (folder / ".checkpoint.safetensors.abc.tmp").write_bytes(b"half")  # left by a killed process
+        run = pipeline.train("vae", "digits", out=folder, epochs=1, **QUIET)
+    finally:
+        os.umask(old)
+    for name in (runs.CONFIG, runs.WEIGHTS, runs.CHECKPOINT, runs.MANIFEST):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o640, name
+    assert not list(run.glob(".*.tmp"))
+
+
+# -------------------------------------------------------------------------------------- best, device
+def test_keep_best_and_device(tmp_path):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=3, keep_best=True, device="cpu", **QUIET)
+    assert (run / runs.BEST_WEIGHTS).is_file()
+    records = [json.loads(x) for x in (run / runs.METRICS).read_text().splitlines()]
+    best_epoch = max((r for r in records if r["split"] == "val"), key=lambda r: r["elbo"])["epoch"]
+    state = runs.load_tensors(run / runs.CHECKPOINT)[1]["trainer"]
+    assert state["best"][1] == best_epoch
+    plain = pipeline.train("vae", "digits", out=tmp_path / "p", epochs=3, **QUIET)
+    _assert_same_weights(run, plain)  # cpu is the default: the same numbers
+    with pytest.raises(ElbolabError, match="device|cpu"):
+        TrainConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ElbolabError, match="not available"):
+            TrainConfig(device="cuda")
+
+
+def test_trainer_moves_the_model_to_its_device():
+    model = VAE(ModelConfig(input_dim=64, latent_dim=2, hidden=(8,)))
+    trainer = Trainer(model, TrainConfig(device="cpu", progress=False, tensorboard=False), "/unused",
+                      model_name="vae")
+    assert next(trainer.model.parameters()).device.type == "cpu"
+    data = load_data("digits")
+    assert trainer.context(0.5).values["beta"] == 1.0 and len(data.train) > 0
+
+
+def test_the_report_repeats_the_collapse_warning(tmp_path):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, **dict(QUIET, beta=30.0, figures=True))
+    html = (run / "index.html").read_text()
+    assert "posterior collapse" in html and "--kl-warmup" in html
+
+
+def test_eval_says_which_weights_it_uses(tmp_path, capsys):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=3, keep_best=True, **QUIET)
+    best_epoch = json.loads((run / runs.MANIFEST).read_text())["summary"]["best_epoch"]
+    last = pipeline.evaluate(run, k=5)
+    best = pipeline.evaluate(run, k=5, weights="best")
+    assert last["weights"] == "model.safetensors (last, epoch 3)"
+    assert best["weights"] == f"model.best.safetensors (best, epoch {best_epoch})" and best["device"] == "cpu"
+    plain = pipeline.train("vae", "digits", out=tmp_path / "p", epochs=1, **QUIET)
+    with pytest.raises(CheckpointError, match="--keep-best"):
+        pipeline.evaluate(plain, k=5, weights="best")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--iw-samples", "5", "--weights", "best"]) == 0
+    out = capsys.readouterr().out
+    assert "\nweights: model.best.safetensors" in out and "\r" not in out
+    assert "log p(x) (IS): 270 of 270 examples" in out  # progress as plain lines when not on a terminal
