@@ -354,9 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ElbolabError, TrainingDiverged, OSError) as e:
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", err=True)
         return 2
     return 0
+
+
+def _os_error_message(error: OSError) -> str:
+    """A file-system failure (read-only, full, missing, forbidden) as one line that says what to check."""
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or type(error).__name__
+    return (f"could not use{where}: {reason}; check that the path exists and is writable and that the disk has "
+            "room (files written before this point are complete; a run folder can be trained into again)")
 
 
 def entry_point() -> None:

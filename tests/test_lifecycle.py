@@ -279,3 +279,12 @@ def test_eval_says_which_weights_it_uses(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\nweights: model.best.safetensors" in out and "\r" not in out
     assert "log p(x) (IS): 270 of 270 examples" in out  # progress as plain lines when not on a terminal
+
+
+def test_a_file_system_failure_is_one_clear_line(tmp_path, capsys):
+    # /proc refuses new entries even to root: an OSError from the file system, as a read-only or full disk gives
+    code = main(["train", "vae", "--out", "/proc/elbolab-test-run", "--epochs", "1", "--hidden", "8"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "/proc/elbolab-test-run" in lines[0] and "writable" in lines[0]
+    assert "Traceback" not in err
