@@ -137,6 +137,9 @@ class Trainer:
             raise ElbolabError(
                 f"expected a batch size divisible by the {self.world} processes, got {config.batch_size}"
             )
+        if config.checkpoint_every and self.world > 1:
+            raise ElbolabError("--checkpoint-every is not supported under torchrun yet (a mid-epoch checkpoint holds "
+                               "one process's data position); checkpoints are written at epoch ends")
         self.groups = model.parameter_groups()
         _check_groups(model, self.groups)
         options = model.optimizer_options()
