@@ -214,7 +214,9 @@ def train_command(
     values = locals()
     options = {key: converters.get(param, lambda v: v)(values[param]) for param, key in names.items()
                if given(param) or not resume}
-    options.update(progress=progress, tensorboard=tensorboard)
+    options["progress"] = progress  # how a run is watched may change on resume; what it writes keeps its setting
+    if given("tensorboard") or not resume:
+        options["tensorboard"] = tensorboard
     if schedule:
         options["schedules"] = _parse_assignments(schedule, "--schedule")
     if set_options:

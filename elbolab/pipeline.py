@@ -155,13 +155,14 @@ def _resume_settings(out: Path, model_name, data, options: dict):
 
 
 def _training_summary(model, val, history: list[dict], out: Path, seconds: float) -> dict:
-    """Best validation ELBO, wall time and a posterior-collapse check; saved in manifest.json, returned with the
-    lines to print."""
+    """Best validation ELBO over the whole run (every session, from metrics.jsonl), the last epoch, this session's
+    wall time and a posterior-collapse check; saved in manifest.json, returned with the lines to print."""
     from elbolab.evaluate import collapse_check
 
-    val_records = [r for r in history if r["split"] == "val" and "elbo" in r]
-    summary: dict = {"wall_time_s": round(seconds, 3), "epochs_run": len([r for r in history if r["split"] ==
-                                                                          "train"])}
+    records, _ = runs.read_metrics(out / runs.METRICS)
+    val_records = [r for r in records if r.get("split") == "val" and isinstance(r.get("elbo"), (int, float))]
+    epochs = [r["epoch"] for r in records if isinstance(r.get("epoch"), int)]
+    summary: dict = {"session_seconds": round(seconds, 3), "last_epoch": max(epochs, default=0)}
     lines = []
     if val_records:
         best = max(val_records, key=lambda r: r["elbo"])
@@ -217,7 +218,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
         _, theirs = evaluate_model(other, data, k=k, seed=seed, progress=progress, return_per_example=True)
         result["compare"] = {"other_run": str(compare), **paired_difference(mine, theirs)}
     epoch = runs.read_json(Path(run_dir) / runs.MANIFEST).get("summary", {}).get(
-        "best_epoch" if weights == "best" else "epochs_run") if (Path(run_dir) / runs.MANIFEST).is_file() else None
+        "best_epoch" if weights == "best" else "last_epoch") if (Path(run_dir) / runs.MANIFEST).is_file() else None
     result.update(split=split, dataset=data.name, model=config["model"], device=str(target),
                   weights=f"{runs.WEIGHTS if weights == 'last' else runs.BEST_WEIGHTS} ({weights}"
                           + (f", epoch {epoch})" if epoch else ")"))

@@ -215,7 +215,7 @@ class Trainer:
         """Check the folder and, on resume, load the checkpoint; write nothing until every check has passed.
         Returns the loaded trainer state on resume."""
         config_path, checkpoint_path = self.run_dir / runs.CONFIG, self.run_dir / runs.CHECKPOINT
-        has_config, has_checkpoint = config_path.is_file(), checkpoint_path.is_file()
+        has_config, has_checkpoint = _is_run_config(config_path), checkpoint_path.is_file()
         state = None
         if resume:
             if not has_checkpoint:
@@ -226,13 +226,18 @@ class Trainer:
             self.init_from = saved.get("init_from")  # a resume continues from the checkpoint, not from init_from
             self._check_resume_settings(saved)
             state = load_checkpoint(checkpoint_path, self.model, self.optimizers)  # in memory only
+            if self.config.epochs <= state["epoch"]:
+                raise CheckpointError(
+                    f"--resume: the run in {self.run_dir} has already trained {state['epoch']} epochs; pass --epochs "
+                    f"greater than {state['epoch']} to train further (nothing was changed)"
+                )
         elif has_checkpoint and not overwrite:
             raise CheckpointError(
                 f"{self.run_dir} already holds a run; add --resume to continue it, --overwrite to start it again, "
                 "or choose another --out (nothing was overwritten)"
             )
-        elif not has_config:
-            foreign = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+        elif not has_config:  # a config.json that elbolab did not write counts as the user's file too
+            foreign = [name for name in (runs.CONFIG, *RUN_FILES) if (self.run_dir / name).exists()]
             if foreign:
                 raise CheckpointError(
                     f"{self.run_dir} is not a run folder but holds {', '.join(foreign)}, which training would "
@@ -287,7 +292,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = runs.RunLock(self.run_dir).acquire() if self.rank == 0 else None
         try:
-            runs.remove_stale_temporaries(self.run_dir)
+            if lock is not None:  # only the process holding the lock may touch the folder's temporaries
+                runs.remove_stale_temporaries(self.run_dir)
             state = self._prepare_run_dir(resume, overwrite)  # on resume: the checkpoint's RNG state is restored
             if resume:
                 self._resume(state)
@@ -335,6 +341,10 @@ class Trainer:
                 if self.world > 1:
                     torch.distributed.barrier()
                 history.extend(records)
+                if self._stop_requested and self.epoch < cfg.epochs:  # Ctrl-C during the epoch's last step
+                    raise TrainingInterrupted(
+                        f"stopped after epoch {self.epoch}; checkpoint written. Continue with: elbolab train --out "
+                        f"{self.run_dir} --resume")
         finally:
             if handle_sigint:
                 signal.signal(signal.SIGINT, previous)
@@ -360,8 +370,8 @@ class Trainer:
 
     def _kept_message(self) -> str:
         if self._checkpointed:
-            return (f"the last good checkpoint in {self.run_dir} is kept (continue with --resume after changing "
-                    "nothing, or start again with --overwrite and other settings)")
+            return (f"the last good checkpoint in {self.run_dir} is kept (a resume would meet the same step: start "
+                    "again with --overwrite and other settings)")
         return (f"no checkpoint was written yet, so {self.run_dir} holds an incomplete run that the next "
                 "'elbolab train' into it replaces")
 
@@ -551,6 +561,17 @@ class MetricTotals:
             *values, count = totals.tolist()
             return {k: v / count for k, v in zip(keys, values)}
         return {k: self.sums[k] / self.count for k in keys}
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json written by elbolab (not some other program's file of that name)."""
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "model_config", "train_config"} <= set(config)
 
 
 def _any_nonfinite(tensors: list[torch.Tensor]) -> bool:

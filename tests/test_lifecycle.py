@@ -88,6 +88,7 @@ def test_a_run_prints_plain_epoch_lines_and_a_summary(tmp_path, capsys):
     assert all("time" in r and r["time"].endswith("+00:00") and r["seconds"] >= 0 for r in records)
     manifest = json.loads((run / runs.MANIFEST).read_text())
     assert manifest["wall_time_s"] > 0 and manifest["summary"]["best_epoch"] in (1, 2)
+    assert manifest["summary"]["last_epoch"] == 2
     assert isinstance(manifest["command"], list)
 
 
@@ -301,3 +302,44 @@ def test_long_evaluations_report_progress_as_plain_lines_off_a_terminal(monkeypa
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "log p(x) (IS): 30 of 100 examples, 12 s" and lines[-1].startswith("log p(x) (IS): 100 of 100")
     assert 3 <= len(lines) <= 5
+
+
+def test_a_foreign_config_json_does_not_make_a_run_folder(tmp_path):
+    folder = tmp_path / "site"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "config.json").write_text('{"name": "my web app"}')
+    (folder / "figures" / "diagram.png").write_text("keep")
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        pipeline.train("vae", "digits", out=folder, epochs=1, **QUIET)
+    assert (folder / "figures" / "diagram.png").read_text() == "keep"
+    assert json.loads((folder / "config.json").read_text()) == {"name": "my web app"}
+
+
+def test_resume_summary_and_eval_labels_cover_the_whole_run(tmp_path):
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=2, keep_best=True, **QUIET)
+    pipeline.train(out=run, resume=True, epochs=4, figures=False)
+    records = [json.loads(x) for x in (run / runs.METRICS).read_text().splitlines()]
+    best = max((r for r in records if r["split"] == "val"), key=lambda r: r["elbo"])["epoch"]
+    summary = json.loads((run / runs.MANIFEST).read_text())["summary"]
+    assert summary["last_epoch"] == 4 and summary["best_epoch"] == best
+    assert pipeline.evaluate(run, k=5)["weights"] == "model.safetensors (last, epoch 4)"
+    before = (run / runs.CONFIG).read_bytes()
+    with pytest.raises(CheckpointError, match="already trained 4 epochs"):
+        pipeline.train(out=run, resume=True, epochs=3, figures=False)
+    assert (run / runs.CONFIG).read_bytes() == before
+
+
+def test_a_plain_resume_keeps_the_runs_tensorboard_setting(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["--out", str(out), "--hidden", "8", "--latent-dim", "2"]
+    assert main(["train", "vae", *args, "--epochs", "1", "--no-tensorboard"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert json.loads((out / runs.CONFIG).read_text())["train_config"]["tensorboard"] is False
+    assert not (out / "tensorboard").exists()
+
+
+def test_ctrl_c_in_the_last_step_of_an_epoch_stops_after_it(tmp_path):
+    _trouble("sigint", STEPS_PER_EPOCH)  # the last step of epoch 1
+    with pytest.raises(TrainingInterrupted, match="after epoch 1"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "r", epochs=3, **QUIET)
+    assert runs.load_tensors(tmp_path / "r" / runs.CHECKPOINT)[1]["trainer"]["epoch"] == 1
