@@ -225,7 +225,7 @@ def test_sklearn_contract_and_warning():
     dict(sigma=0.0), dict(sigma=-1.0), dict(noise="flip", flip_prob=0.0), dict(noise="flip", flip_prob=0.5),
     dict(flip_prob=0.7), dict(damping=0.0), dict(damping=1.5), dict(method="bp"), dict(noise="poisson"),
     dict(schedule="random"), dict(max_sweeps=0), dict(tol=-1.0), dict(coupling=float("nan")),
-    dict(method="gibbs", burn_in=1000), dict(dtype="float16"),
+    dict(method="gibbs", burn_in=1000), dict(dtype="float16"), dict(kernel="triton"), dict(elbo_every=0),
 ])
 def test_bad_settings_raise_one_clear_error(settings):
     with pytest.raises(ElbolabError):
@@ -285,3 +285,76 @@ def test_cli_denoise_bad_input(tmp_path):
     assert isinstance(result.exception, ElbolabError)
     result = runner.invoke(cli_app(), ["denoise", "--noise", "flip", "--p", "0.6", "--out", str(tmp_path)])
     assert isinstance(result.exception, ElbolabError)
+
+
+# ---------------------------------------------------------------- the fused (torch.compile) sweep vs the eager one
+def fit_both(x, **settings):
+    """The same fit with the eager kernel and with the compiled one (which may have fallen back to eager)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # "compile failed, used eager": checked below instead
+        eager = IsingDenoiser(kernel="eager", **settings).fit(x)
+        compiled = IsingDenoiser(kernel="compiled", **settings).fit(x)
+    return eager, compiled
+
+
+@pytest.mark.parametrize("schedule", ["parallel", "checkerboard"])
+def test_compiled_sweep_matches_eager_sweep(schedule):
+    x = observed_for(MODELS[0], (20, 24), seed=11)
+    settings = dict(coupling=0.9, sigma=0.8, schedule=schedule, max_sweeps=25, tol=0.0)  # float32
+    eager, compiled = fit_both(x, **settings)
+    assert eager.kernel_ == "eager" and compiled.kernel_ in ("compiled", "eager")
+    assert compiled.n_sweeps_ == eager.n_sweeps_ == 25 and len(compiled.elbo_history_) == 26
+    # Same arithmetic, different rounding (a vectorised tanh/log, other summation order): float32 tolerance
+    # (the ELBO sums 480 pixel terms: absolute error ~1e-5 where it crosses zero).
+    np.testing.assert_allclose(compiled.posterior_mean_, eager.posterior_mean_, atol=2e-6)
+    np.testing.assert_allclose(compiled.elbo_history_, eager.elbo_history_, rtol=2e-6, atol=1e-4)
+    # ... and both are the float64 reference ELBO of their means
+    model = IsingModel(coupling=0.9, sigma=0.8)
+    assert compiled.elbo_history_[-1] == pytest.approx(model.elbo(compiled.posterior_mean_, x), rel=2e-6)
+    if compiled.kernel_ != "compiled":
+        pytest.skip(f"torch.compile is unavailable here ({compiled.kernel_fallback_}); the fallback matched eager")
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_elbo_every_n_sweeps_records_the_same_values_at_those_sweeps():
+    x = observed_for(MODELS[1], (9, 11), seed=12)
+    settings = dict(coupling=0.8, noise="flip", flip_prob=0.2, max_sweeps=40, tol=1e-9, dtype="float64",
+                    kernel="eager")
+    every = IsingDenoiser(**settings).fit(x)
+    sparse = IsingDenoiser(elbo_every=7, **settings).fit(x)
+    assert sparse.n_sweeps_ == every.n_sweeps_ and every.elbo_sweeps_ == list(range(every.n_sweeps_ + 1))
+    expected = list(range(0, every.n_sweeps_, 7)) + [every.n_sweeps_]
+    assert sparse.elbo_sweeps_ == expected
+    np.testing.assert_allclose(sparse.elbo_history_, np.asarray(every.elbo_history_)[expected], rtol=1e-12)
+    np.testing.assert_array_equal(sparse.posterior_mean_, every.posterior_mean_)
+
+
+def test_failed_compile_falls_back_to_the_eager_kernel(monkeypatch):
+    """A machine without a working torch.compile (no C++ compiler, ...) still fits, with the eager result."""
+    import elbolab.classical.ising as ising
+
+    def broken_compile(function, **options):
+        def run(*args):
+            raise RuntimeError("simulated: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(ising, "_compile", broken_compile)
+    monkeypatch.setattr(ising, "_COMPILED", {})
+    x = observed_for(MODELS[0], (8, 9), seed=13)
+    settings = dict(coupling=0.7, sigma=0.8, schedule="checkerboard", max_sweeps=15, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        eager = IsingDenoiser(kernel="eager", **settings).fit(x)
+        with pytest.warns(RuntimeWarning, match="eager kernel"):
+            fallback = IsingDenoiser(kernel="compiled", **settings).fit(x)
+    assert fallback.kernel_ == "eager" and "no C\\+\\+ compiler".replace("\\", "") in fallback.kernel_fallback_
+    np.testing.assert_array_equal(fallback.posterior_mean_, eager.posterior_mean_)
+    assert fallback.elbo_history_ == eager.elbo_history_
+    # kernel="auto" on a large image tries the compiled kernel and falls back without a warning
+    big = observed_for(MODELS[0], (512, 512), seed=14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        auto = IsingDenoiser(sigma=0.8, max_sweeps=2).fit(big)
+    assert auto.kernel_ == "eager" and auto.kernel_fallback_ is not None and auto.n_sweeps_ == 2

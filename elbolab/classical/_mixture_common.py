@@ -26,7 +26,7 @@ from elbolab.errors import DataError, ElbolabError
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_CHUNK_ELEMENTS = 1 << 19  # whitened residuals per chunk: [rows, K, D] stays cache-sized (4 MB in float64)
+_CHUNK_ELEMENTS = 1 << 18  # whitened residuals per chunk: [rows, K, D + 1] stays in L2 (1 MB in float32)
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -177,8 +177,9 @@ def log_det_cholesky(P: torch.Tensor, cov_type: str, n_features: int, n_componen
 class Components:
     """K Gaussians given by centres and precision Cholesky factors, batched over K.
 
-    full / tied: rows are whitened by one batched GEMM on augmented rows ``[x, 1]`` with
-    ``A_k = [[P_k, 0], [-mu_k^T P_k, 1]]``, giving ``[y, 1]`` with ``y = P_k^T (x - mu_k)``, laid out [K, c, D + 1];
+    full / tied: rows are whitened by ONE GEMM on augmented rows ``[x, 1]`` against the K matrices
+    ``A_k = [[P_k, 0], [-mu_k^T P_k, 1]]`` side by side ([D + 1, K (D + 1)]: one wide product runs closer to the
+    machine's peak than K narrow ones), giving ``[y, 1]`` with ``y = P_k^T (x - mu_k)``, laid out [c, K, D + 1];
     the constant column makes the M-step's GEMM return the first moments and counts alongside the second.
     diag / spherical: the Mahalanobis term is expanded into three [c, D] x [D, K] products, always in float64
     (the expansion subtracts large terms; float64 keeps that harmless).
@@ -194,6 +195,7 @@ class Components:
             self._augmented[:, :D, :D] = P
             self._augmented[:, D, :D] = -(means.unsqueeze(1) @ P).squeeze(1)
             self._augmented[:, D, D] = 1.0
+            self._stacked = self._augmented.permute(1, 0, 2).reshape(D + 1, K * (D + 1))  # [D + 1, K (D + 1)]
         else:
             prec = prec_chol.double().square()
             self._prec = prec if cov_type == "diag" else prec[:, None].expand(K, D)  # [K, D]
@@ -201,15 +203,17 @@ class Components:
             self._prec_mean = means64 * self._prec
             self._mean_term = (means64 * self._prec_mean).sum(1, keepdim=True)  # [K, 1]
 
-    def whiten(self, x: torch.Tensor) -> torch.Tensor:
-        """[c, D] -> augmented whitened residuals [K, c, D + 1], last column 1 (full / tied)."""
-        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        return torch.matmul(torch.cat([x, ones], 1), self._augmented)
+    def whiten(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Augmented rows [c, D + 1] (last column 1) -> augmented whitened residuals [c, K, D + 1] (full / tied).
+
+        ``out`` [c, K (D + 1)] is an optional preallocated result buffer.
+        """
+        return torch.mm(x, self._stacked, out=out).view(x.shape[0], self.K, self.D + 1)
 
     def mahalanobis(self, x: torch.Tensor, x64: torch.Tensor | None = None, x64_sq: torch.Tensor | None = None):
         """Squared Mahalanobis distances [K, c] (diag / spherical: from float64 ``x64`` and ``x64_sq``)."""
         if self.whitened:
-            return augmented_norms(self.whiten(x)) - 1.0
+            return squared_norms(self.whiten(augment(x))).T - 1.0
         if x64 is None:
             x64 = x.double()
             x64_sq = x64.square()
@@ -229,9 +233,15 @@ class Components:
         return torch.linalg.solve_triangular(self.prec_chol, left, upper=True, left=False)
 
 
-def augmented_norms(y: torch.Tensor) -> torch.Tensor:
-    """|[y, 1]|^2 = |y|^2 + 1 for [K, c, D + 1] -> [K, c], as a batched dot product (faster than a reduction)."""
-    return torch.matmul(y.unsqueeze(-2), y.unsqueeze(-1)).view(y.shape[0], y.shape[1])
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """[c, D] -> [c, D + 1] with a last column of ones."""
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
+
+
+def squared_norms(y: torch.Tensor) -> torch.Tensor:
+    """|[y, 1]|^2 = |y|^2 + 1 for [c, K, D + 1] -> [c, K]: vector_norm is one vectorised pass (y * y then a sum
+    is two, and a batched 1 x 1 matmul is slower still)."""
+    return torch.linalg.vector_norm(y, dim=-1).square_()
 
 
 @dataclass
@@ -265,23 +275,20 @@ def sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor | None = N
           resp: torch.Tensor | None = None) -> SweepStats:
     """One pass over X: responsibilities (E-step, in log space) from ``log_const - maha / 2``, or the given
     ``resp`` [N, K], and their weighted sums (see :class:`SweepStats`)."""
+    if comps.whitened:
+        return _whitened_sweep(X, comps, log_const, resp)
     K, D = comps.K, comps.D
     acc = dict(dtype=torch.float64, device=X.device)
     log_norm, r_log_r, nk = torch.zeros((), **acc), torch.zeros((), **acc), torch.zeros(K, **acc)
-    moments_shape = (K, D + 1, D + 1) if comps.whitened else (2, K, D)
-    sums = torch.zeros(moments_shape, **acc)
-    if log_const is not None:  # |[y, 1]|^2 carries an extra 1
-        log_const = (log_const + (0.5 if comps.whitened else 0.0))[:, None]
+    sums = torch.zeros((2, K, D), **acc)
+    if log_const is not None:
+        log_const = log_const[:, None]
     rows = chunk_rows(K, D)
     for start in range(0, X.shape[0], rows):
         x = X[start:start + rows]
-        if comps.whitened:
-            y = comps.whiten(x)  # [K, c, D + 1]
-            maha = augmented_norms(y)
-        else:
-            x64 = x.double()
-            x64_sq = x64.square()
-            maha = comps.mahalanobis(x, x64, x64_sq)  # [K, c]
+        x64 = x.double()
+        x64_sq = x64.square()
+        maha = comps.mahalanobis(x, x64, x64_sq)  # [K, c]
         if resp is None:
             wl = log_const - 0.5 * maha
             norm = torch.logsumexp(wl, dim=0)
@@ -293,19 +300,55 @@ def sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor | None = N
             r = resp[start:start + rows].T
             r_log_r += torch.special.xlogy(r, r).sum()
         nk += r.sum(1)
-        if not comps.whitened:
-            r64 = r.double()
-            sums[0] += r64 @ x64
-            sums[1] += r64 @ x64_sq
-            continue
-        root_y = y.mul_(r.sqrt().unsqueeze(-1))  # sum r [y,1][y,1]^T = (sqrt(r) [y,1])^T (sqrt(r) [y,1])
-        if sums.dtype == root_y.dtype:
-            sums.baddbmm_(root_y.mT, root_y)
-        else:
-            sums += torch.bmm(root_y.mT, root_y)
-    if comps.whitened:
-        return SweepStats(log_norm, r_log_r, nk, sums[:, :D, D], sums[:, :D, :D])
+        r64 = r.double()
+        sums[0] += r64 @ x64
+        sums[1] += r64 @ x64_sq
     return SweepStats(log_norm, r_log_r, nk, sums[0], sums[1])
+
+
+def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor | None,
+                    resp: torch.Tensor | None) -> SweepStats:
+    """:func:`sweep` for full / tied covariances, chunk by chunk with preallocated buffers.
+
+    Per chunk of c rows: one GEMM whitens them under all K components ([c, D + 1] x [D + 1, K (D + 1)]); the
+    E-step works on the [c, K] distances; then one batched GEMM gathers ``sum_n r [y, 1][y, 1]^T`` per component
+    from ``sqrt(r) [y, 1]``, read through strided views (no copy). The GEMMs run in the data's dtype (float32:
+    single-precision speed); each chunk's sums are added into float64 accumulators, so the rounding of a float32
+    run does not grow with N.
+    """
+    K, D, n = comps.K, comps.D, X.shape[0]
+    acc = dict(dtype=torch.float64, device=X.device)
+    log_norm, r_log_r, nk = torch.zeros((), **acc), torch.zeros((), **acc), torch.zeros(K, **acc)
+    sums = torch.zeros((K, D + 1, D + 1), **acc)
+    rows = min(n, chunk_rows(K, D + 1))
+    rows_aug = torch.ones(rows, D + 1, dtype=X.dtype, device=X.device)  # [c, D + 1], last column stays 1
+    whitened = torch.empty(rows, K * (D + 1), dtype=X.dtype, device=X.device)
+    chunk_sums = None if X.dtype == torch.float64 else torch.empty(K, D + 1, D + 1, dtype=X.dtype, device=X.device)
+    if log_const is not None:
+        log_const = log_const + 0.5  # [K]; |[y, 1]|^2 carries an extra 1
+    for start in range(0, n, rows):
+        c = min(rows, n - start)
+        x_aug = rows_aug[:c]
+        x_aug[:, :D] = X[start:start + c]
+        y = comps.whiten(x_aug, out=whitened[:c])  # [c, K, D + 1]
+        if resp is None:
+            log_r = torch.add(log_const, squared_norms(y), alpha=-0.5)  # [c, K] log w_k N(x | k)
+            norm = torch.logsumexp(log_r, dim=1, keepdim=True)  # [c, 1]
+            log_r -= norm
+            r = log_r.exp()
+            log_norm += norm.sum(dtype=torch.float64)
+            r_log_r += (r * log_r).sum(dtype=torch.float64)
+        else:
+            r = resp[start:start + c]  # [c, K]
+            r_log_r += torch.special.xlogy(r, r).sum(dtype=torch.float64)
+        nk += r.sum(0, dtype=torch.float64)
+        root_y = y.mul_(r.sqrt().unsqueeze(-1))  # sum r [y,1][y,1]^T = (sqrt(r) [y,1])^T (sqrt(r) [y,1])
+        left, right = root_y.permute(1, 2, 0), root_y.permute(1, 0, 2)  # [K, D + 1, c], [K, c, D + 1]
+        if chunk_sums is None:
+            sums.baddbmm_(left, right)
+        else:
+            sums += torch.bmm(left, right, out=chunk_sums)
+    return SweepStats(log_norm, r_log_r, nk, sums[:, :D, D], sums[:, :D, :D])
 
 
 def moments(stats: SweepStats, comps: Components):

@@ -1,5 +1,6 @@
 """``elbolab gmm fit``: fit a Gaussian mixture (EM or variational Bayes) to a .csv / .npy file and write the
-parameters (JSON), the labels, the bound per iteration and, for 2-D data, a contour plot.
+parameters (JSON), the labels, the bound per iteration, for 2-D data a contour plot, the components over the data
+(components.png) and a report (index.html).
 
 Both methods report their bound in nats per sample: EM the mean log-likelihood, VB the complete ELBO divided by
 the number of samples, so the two curves can be compared on one scale."""
@@ -27,7 +28,10 @@ app = typer.Typer(help="Gaussian mixtures fitted by EM (maximum likelihood) or v
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 METHODS = ("em", "vb")
 COVARIANCES = ("full", "tied", "diag", "spherical")  # as _mixture_common.COVARIANCE_TYPES (checked by a test)
-OUTPUTS = ("params.json", "labels.npy", "curve.csv", "curve.png", "contours.png")
+OUTPUTS = ("params.json", "labels.npy", "curve.csv", "curve.png", "contours.png", "components.png", "index.html")
+# A variational-Bayes component whose expected weight is below this is drawn and listed as pruned: VB empties the
+# components the data do not need (their weight tends to 0) instead of sharing the points among all K.
+PRUNED_WEIGHT = 0.01
 
 
 @app.callback()
@@ -140,6 +144,121 @@ def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: P
     plt.close(fig)
 
 
+def full_covariances(covariances, covariance_type: str, n_components: int, n_features: int) -> np.ndarray:
+    """[K, D, D] covariance matrices from the estimator's ``covariances_`` of any ``covariance_type``."""
+    import numpy as np
+
+    c = np.asarray(covariances, dtype=np.float64)
+    if covariance_type == "full":
+        return c.reshape(n_components, n_features, n_features)
+    if covariance_type == "tied":
+        return np.broadcast_to(c.reshape(n_features, n_features), (n_components, n_features, n_features)).copy()
+    if covariance_type == "diag":
+        return np.stack([np.diag(row) for row in c.reshape(n_components, n_features)])
+    return c.reshape(n_components, 1, 1) * np.eye(n_features)  # spherical
+
+
+def pruned_components(weights, method: str) -> np.ndarray:
+    """Boolean [K]: the VB components whose weight fell below PRUNED_WEIGHT (never for EM)."""
+    import numpy as np
+
+    w = np.asarray(weights, dtype=np.float64)
+    return (w < PRUNED_WEIGHT) if method == "vb" else np.zeros(w.shape, dtype=bool)
+
+
+def _plot_components(X: np.ndarray, labels: np.ndarray, means: np.ndarray, covs: np.ndarray, weights,
+                     pruned: np.ndarray, title: str):
+    """The data (features 1 and 2) coloured by component, each component's mean and its 1- and 2-s.d. ellipses;
+    pruned components dashed grey. The legend sits below the axes, never over the points."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Ellipse
+
+    fig = Figure(figsize=(6.4, 5.6), dpi=100)
+    ax = fig.add_subplot()
+    colours = [f"C{k % 10}" for k in range(len(means))]
+    if X.shape[1] == 1:
+        grid = np.linspace(X.min() - 0.1 * np.ptp(X) - 1e-9, X.max() + 0.1 * np.ptp(X) + 1e-9, 400)
+        ax.hist(X[:, 0], bins=40, density=True, color="0.8", label="data")
+        for k, (mean, cov, w) in enumerate(zip(means, covs, weights)):
+            sd = float(np.sqrt(cov[0, 0]))
+            density = w * np.exp(-0.5 * ((grid - mean[0]) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+            ax.plot(grid, density, color="0.5" if pruned[k] else colours[k], ls="--" if pruned[k] else "-",
+                    label=f"{k + 1}: w = {w:.3f}" + (" (pruned)" if pruned[k] else ""))
+        ax.set(xlabel="feature 1", ylabel="density", title=title)
+    else:
+        ax.scatter(X[:, 0], X[:, 1], c=[colours[k] for k in labels], s=7, alpha=0.5, linewidths=0)
+        for k, (mean, cov, w) in enumerate(zip(means, covs, weights)):
+            values, vectors = np.linalg.eigh(cov[:2, :2])
+            angle = float(np.degrees(np.arctan2(vectors[1, -1], vectors[0, -1])))
+            style = dict(edgecolor="0.45", ls="--", lw=1.0) if pruned[k] else dict(edgecolor=colours[k], lw=1.6)
+            for n_sd in (1, 2):
+                width, height = 2 * n_sd * np.sqrt(np.maximum(values[::-1], 0))
+                ax.add_patch(Ellipse(mean[:2], width, height, angle=angle, fill=False, alpha=1.0 if n_sd == 1
+                                     else 0.6, **style))
+            ax.plot(mean[0], mean[1], marker="x", ms=9, mew=2.2, color="0.45" if pruned[k] else "black",
+                    ls="none", label=f"{k + 1}: w = {w:.3f}" + (" (pruned)" if pruned[k] else ""))
+        ax.set(xlabel="feature 1", ylabel="feature 2", title=title)
+        ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=min(3, len(means)), fontsize=9,
+              title="component: weight (x = mean; ellipses 1 and 2 s.d.)", title_fontsize=9, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def write_fit_report(out: Path, X: np.ndarray, labels: np.ndarray, params: dict, history: np.ndarray,
+                     source: Path) -> Path:
+    """index.html of a ``gmm fit`` folder: the numbers, the components over the data (components.png), the bound
+    per iteration in nats per sample, and a table of the components."""
+    import numpy as np
+
+    from elbolab.report import figure_html, note_html, table_html, write_command_report
+
+    method, k = params["method"], params["n_components"]
+    means = np.asarray(params["means"], dtype=np.float64).reshape(k, -1)
+    covs = full_covariances(params["covariances"], params["covariance_type"], k, X.shape[1])
+    weights = np.asarray(params["weights"], dtype=np.float64)
+    pruned = pruned_components(weights, method)
+    what = "features 1 and 2 of " + str(X.shape[1]) if X.shape[1] > 2 else ""
+    title = f"{method.upper()} {params['covariance_type']}, K = {k}" + (f" ({what})" if what else "")
+    fig = _plot_components(X, labels, means, covs, weights, pruned, title)
+    fig.savefig(out / "components.png", dpi=100, bbox_inches="tight")
+    components_png = (out / "components.png").read_bytes()
+    figures = [figure_html(components_png, "The data coloured by their most probable component, each component's "
+                           "mean and its 1- and 2-s.d. ellipses" + ("; pruned components dashed grey"
+                                                                     if method == "vb" else ""))]
+    figures.append(figure_html((out / "curve.png").read_bytes(),
+                               params["bound_name"][:1].upper() + params["bound_name"][1:] + " per iteration"))
+    if (out / "contours.png").is_file():
+        figures.append(figure_html((out / "contours.png").read_bytes(), "Log density of the fitted mixture"))
+    rows = []
+    for j in range(k):
+        counts = int(np.sum(labels == j))
+        rows.append((str(j + 1), f"{weights[j]:.4f}", ", ".join(f"{v:.3g}" for v in means[j][:6])
+                     + (", ..." if means.shape[1] > 6 else ""), f"{counts:,}", "pruned" if pruned[j] else ""))
+    table = table_html(rows, ("Component", "Weight", "Mean", "Points assigned", "Status"), numeric_cols=(1, 3))
+    status = (f"converged in {params['n_iter']} iterations" if params["converged"]
+              else f"not converged after {params['n_iter']} iterations")
+    cards = [("Method", "EM (maximum likelihood)" if method == "em" else "variational Bayes (CAVI)"),
+             ("Data", f"{params['n_samples']:,} x {params['n_features']}", source.name),
+             ("Components", f"{k}" if method == "em" else f"{k - int(pruned.sum())} of {k} used",
+              None if method == "em" else f"weight >= {PRUNED_WEIGHT:g}"),
+             ("Covariance", params["covariance_type"]),
+             (params["bound_name"].split(" (")[0], f"{params['lower_bound']:.4f}", "nats per sample"),
+             ("Fit", status)]
+    if method == "em":
+        cards += [("BIC", f"{params['bic']:.1f}"), ("AIC", f"{params['aic']:.1f}")]
+    notes = [] if method == "em" else [note_html(
+        "Variational Bayes bounds the log evidence, so its ELBO per sample sits a little below the EM mean "
+        "log-likelihood of the same data; both curves are in nats per sample.")]
+    sections = [("Figures", '<div class="figures">' + "".join(figures) + "</div>" + "".join(notes)),
+                ("Components", table),
+                ("Settings", table_html([(key, json.dumps(params[key])) for key in (
+                    "method", "covariance_type", "n_components", "seed", "reg_covar", "n_iter", "converged")]))]
+    return write_command_report(out, f"elbolab gmm fit: {source.name}", subtitle=str(out), cards=cards,
+                                sections=sections)
+
+
 def _tolist(value):
     import numpy as np
 
@@ -214,7 +333,8 @@ def fit_command(
     reg_covar: float = typer.Option(1e-6, "--reg-covar", help="added to the diagonal of every covariance estimate "
                                     "(as scikit-learn); raise it when a component collapses onto a few points"),
 ):
-    """Fit a Gaussian mixture and write params.json, labels.npy, curve.csv/.png and (2-D data) contours.png."""
+    """Fit a Gaussian mixture and write params.json, labels.npy, curve.csv/.png, (2-D data) contours.png,
+    components.png and a report, index.html."""
     if method not in METHODS:
         raise ElbolabError(f"expected --method in {list(METHODS)}, got {method!r}")
     if covariance not in COVARIANCES:
@@ -266,6 +386,8 @@ def fit_command(
     if X.shape[1] == 2:
         _plot_contours(model, X, labels, f"{method.upper()} {covariance}, K = {n_components}", out / "contours.png")
         written.append("contours.png")
+    write_fit_report(out, X, labels, params, history, data)
+    written += ["components.png", "index.html"]
     status = f"converged in {model.n_iter_} iterations" if model.converged_ else (
         f"NOT converged after {model.n_iter_} iterations (try a larger --max-iter or --tol)")
     typer.echo(f"{method.upper()} Gaussian mixture, K = {n_components}, {covariance} covariance, "

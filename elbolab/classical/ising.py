@@ -243,6 +243,131 @@ class MeanFieldSweeper:
         return (residual, elbo) if with_elbo else residual
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The fused sweep. Eager torch runs each step above as its own pass over [H, W] (the ELBO alone is ~10 passes);
+# compiled by torch.compile (inductor, C++ backend on CPU) the whole half-sweep becomes one loop nest that reads
+# the means and the field once, writes the new means into a second zero-bordered buffer (double buffering: a
+# parallel sweep must not read means it has already overwritten) and reduces, row by row, the residual and the
+# two ELBO sums. Row-wise reductions keep inductor from splitting the loop in two. Same arithmetic as the eager
+# sweeper, so the two agree to float rounding (tests/test_ising.py checks it).
+
+
+def fused_half_sweep(src: torch.Tensor, dst: torch.Tensor, field: torch.Tensor, coupling: torch.Tensor,
+                     damping: torch.Tensor, mask: torch.Tensor | None, with_elbo: bool):
+    """Read the means from ``src`` [H+2, W+2], write the updated ones into ``dst``'s interior.
+
+    ``mask`` [H, W] (bool) limits the update to one colour (None: every site). Returns the residual
+    ``max |tanh(a) - mu|`` over the updated sites and, with ``with_elbo``, the energy
+    ``sum mu (a + h) / 2`` and ``sum (1 + t) log(1 + t) + (1 - t) log(1 - t)`` (``t = |mu|``) of ``src``'s means.
+    """
+    mu = src[1:-1, 1:-1]  # [H, W]
+    a = coupling * (src[:-2, 1:-1] + src[2:, 1:-1] + src[1:-1, :-2] + src[1:-1, 2:]) + field
+    step = torch.tanh(a) - mu
+    if mask is not None:
+        step = torch.where(mask, step, 0.0)
+    dst[1:-1, 1:-1] = mu + damping * step
+    residual = step.abs().amax(-1).amax()
+    if not with_elbo:
+        return residual, None, None
+    energy = (mu * (a + field)).sum(-1).double().sum() / 2
+    t = mu.abs()
+    plogp = ((1 + t) * torch.log1p(t) + (1 - t) * torch.log((1 - t).clamp_min(1e-30))).sum(-1).double().sum()
+    return residual, energy, plogp
+
+
+# One wrapper per variant: each is its own code object, so each keeps its own compiled graphs (one static shape,
+# then one dynamic-shape graph) and none pushes another out of torch._dynamo's per-function cache.
+def _parallel_elbo(src, dst, field, coupling, damping, mask):
+    return fused_half_sweep(src, dst, field, coupling, damping, None, True)
+
+
+def _parallel_plain(src, dst, field, coupling, damping, mask):
+    return fused_half_sweep(src, dst, field, coupling, damping, None, False)
+
+
+def _colour_elbo(src, dst, field, coupling, damping, mask):
+    return fused_half_sweep(src, dst, field, coupling, damping, mask, True)
+
+
+def _colour_plain(src, dst, field, coupling, damping, mask):
+    return fused_half_sweep(src, dst, field, coupling, damping, mask, False)
+
+
+_VARIANTS = {(False, True): _parallel_elbo, (False, False): _parallel_plain,
+             (True, True): _colour_elbo, (True, False): _colour_plain}
+_COMPILED: dict = {}  # (masked, with_elbo) -> compiled callable, built on first use in this process
+_compile = torch.compile  # indirection so the tests can simulate a machine where compiling fails
+COMPILE_MIN_PIXELS = 512 * 512  # kernel="auto" compiles from this image size on (see IsingDenoiser)
+
+
+def compiled_half_sweep(masked: bool, with_elbo: bool):
+    key = (masked, with_elbo)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(_VARIANTS[key], fullgraph=True)
+    return _COMPILED[key]
+
+
+class CompiledSweeper:
+    """:class:`MeanFieldSweeper`'s interface (``mu``, ``sweep``, ``elbo``) on the fused, compiled half-sweep.
+
+    If compiling or running the compiled kernel fails (no C++ compiler, an unsupported torch build, ...), the
+    means are untouched (the kernel writes only the spare buffer) and the sweeper carries on with the eager
+    :class:`MeanFieldSweeper` from the same state; ``fallback_reason`` then says why.
+    """
+
+    def __init__(self, mu0: torch.Tensor, field: torch.Tensor, coupling: float, damping: float,
+                 schedule: str = "parallel", offset: float = 0.0):
+        self.buffers = [padded_state(mu0)[0], torch.zeros(mu0.shape[0] + 2, mu0.shape[1] + 2, dtype=mu0.dtype)]
+        self.field, self.schedule, self.offset = field.contiguous(), schedule, offset
+        self.coupling_value, self.damping_value = coupling, damping
+        self.coupling = torch.tensor(coupling, dtype=mu0.dtype)  # tensors, not floats: no recompile per value
+        self.damping = torch.tensor(damping, dtype=mu0.dtype)
+        self.masks = list(checkerboard_masks(*mu0.shape)) if schedule == "checkerboard" else [None]
+        self.eager: MeanFieldSweeper | None = None
+        self.fallback_reason: str | None = None
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.eager.mu if self.eager is not None else self.buffers[0][1:-1, 1:-1]
+
+    def _fall_back(self, error: Exception) -> None:
+        self.fallback_reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+        self.eager = MeanFieldSweeper(self.mu.clone(), self.field, self.coupling_value, self.damping_value,
+                                      self.schedule, self.offset)
+
+    def elbo(self) -> float:
+        """ELBO of the current means: the kernel's sums, its update written to the spare buffer and dropped."""
+        if self.eager is None:
+            try:
+                kernel = compiled_half_sweep(self.masks[0] is not None, True)
+                _, energy, plogp = kernel(self.buffers[0], self.buffers[1], self.field, self.coupling,
+                                          self.damping, self.masks[0])
+                return float(energy) + self.mu.numel() * math.log(2.0) - float(plogp) / 2 + self.offset
+            except Exception as error:  # noqa: BLE001 - as in sweep()
+                self._fall_back(error)
+        return self.eager.elbo()
+
+    def sweep(self, with_elbo: bool = False):
+        if self.eager is None:
+            try:
+                return self._sweep(with_elbo)
+            except Exception as error:  # noqa: BLE001 - any failure of the compiler means: use the eager kernel
+                self._fall_back(error)
+        return self.eager.sweep(with_elbo=with_elbo)
+
+    def _sweep(self, with_elbo: bool):
+        residual, elbo = 0.0, None
+        for colour, mask in enumerate(self.masks):
+            kernel = compiled_half_sweep(mask is not None, with_elbo and colour == 0)
+            result, energy, plogp = kernel(self.buffers[0], self.buffers[1], self.field, self.coupling,
+                                           self.damping, mask)
+            self.buffers.reverse()  # the freshly written buffer holds the means from now on
+            residual = max(residual, float(result))
+            if energy is not None:
+                elbo = float(energy) + self.mu.numel() * math.log(2.0) - float(plogp) / 2 + self.offset
+        return (residual, elbo) if with_elbo else residual
+
+
 def _max_abs(values: torch.Tensor) -> float:
     # One pass and no temporary (vector_norm(ord=inf) and abs().max() are several times slower on CPU).
     low, high = torch.aminmax(values)
@@ -300,6 +425,7 @@ def gibbs_sweep(padded: torch.Tensor, z: torch.Tensor, field: torch.Tensor, coup
 METHODS = ("meanfield", "icm", "gibbs")
 SCHEDULES = ("parallel", "checkerboard")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+KERNELS = ("auto", "compiled", "eager")
 
 
 class IsingDenoiser(BaseEstimator):
@@ -321,35 +447,48 @@ class IsingDenoiser(BaseEstimator):
     n_chains : independent Gibbs chains run side by side (their samples are pooled).
     random_state : seed of the Gibbs sampler (None: fresh entropy).
     dtype : ``"float32"`` (fast) or ``"float64"``.
+    kernel : mean-field only. ``"compiled"``: the fused sweep (:func:`fused_half_sweep`) through torch.compile,
+        which costs a one-off compile per process (seconds; see BENCHMARKS.md) and then runs a sweep with its
+        ELBO in one pass; ``"eager"``: plain torch ops; ``"auto"`` (default): compiled for images of at least
+        ``COMPILE_MIN_PIXELS`` pixels, eager below. Where compiling fails, the fit falls back to eager
+        (``"compiled"`` also warns); ``kernel_`` says which ran.
+    elbo_every : mean-field only: compute the ELBO every this many sweeps (1 = every sweep). The convergence
+        check (the residual) runs every sweep regardless; the ELBO is a diagnostic and costs about as much as
+        the sweep itself.
 
     Fitted attributes
     -----------------
     posterior_mean_ : ``[H, W]`` float64 in [-1, 1]: the mean-field means ``mu``, the ICM state, or the Gibbs
         average of the samples after burn-in.
     elbo_history_ : mean-field ELBO at the start (entry 0) and after each sweep (entry k), so
-        ``n_sweeps_ + 1`` values; empty for ICM and Gibbs, which do not define one.
+        ``n_sweeps_ + 1`` values with ``elbo_every=1``; with ``elbo_every=n`` after sweeps 0, n, 2n, ... and
+        after the last one (``elbo_sweeps_`` lists those sweep counts); empty for ICM and Gibbs.
     log_joint_history_ : ICM: ``log p~(z | x)`` of the state after each sweep; Gibbs: its mean over chains;
         mean-field: empty.
     n_sweeps_ : sweeps run. converged_ : whether the stopping rule was met (always True for Gibbs).
+    kernel_ : ``"compiled"`` or ``"eager"`` (mean-field), the kernel that ran; ``kernel_fallback_`` the reason
+        the compiled kernel was not used after all (None if it was, or was not asked for).
     model_ : the :class:`IsingModel` used.
     """
 
     def __init__(self, coupling=1.0, noise="gaussian", sigma=1.0, flip_prob=0.1, damping=0.5,
                  method="meanfield", schedule="parallel", max_sweeps=1000, tol=1e-4, burn_in=None, n_chains=1,
-                 random_state=None, dtype="float32"):
+                 random_state=None, dtype="float32", kernel="auto", elbo_every=1):
         self.coupling, self.noise, self.sigma, self.flip_prob = coupling, noise, sigma, flip_prob
         self.damping, self.method, self.schedule = damping, method, schedule
         self.max_sweeps, self.tol, self.burn_in, self.n_chains = max_sweeps, tol, burn_in, n_chains
         self.random_state, self.dtype = random_state, dtype
+        self.kernel, self.elbo_every = kernel, elbo_every
 
     def _validate(self) -> None:
         self.model_ = IsingModel(self.coupling, self.noise, self.sigma, self.flip_prob)
         _check_real("damping", self.damping, low=0.0, high=1.0, high_open=False)
         _check_real("tol", self.tol, low=0.0, low_open=False)
-        for name, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("dtype", tuple(DTYPES))):
+        for name, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("dtype", tuple(DTYPES)),
+                              ("kernel", KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ElbolabError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        for name in ("max_sweeps", "n_chains"):
+        for name in ("max_sweeps", "n_chains", "elbo_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ElbolabError(f"{name} must be a positive integer, got {value!r}.")
@@ -368,7 +507,8 @@ class IsingDenoiser(BaseEstimator):
         h, c = self.model_.local_fields(x)
         dtype = DTYPES[self.dtype]
         field, offset, coupling = torch.from_numpy(h).to(dtype), float(c.sum()), float(self.coupling)
-        self.elbo_history_, self.log_joint_history_ = [], []
+        self.elbo_history_, self.log_joint_history_, self.elbo_sweeps_ = [], [], []
+        self.kernel_, self.kernel_fallback_ = "eager", None
         start = torch.from_numpy(np.where(x >= 0, 1.0, -1.0)).to(dtype)  # sign(x), ties to +1
         if self.method == "meanfield":
             self._fit_meanfield(torch.from_numpy(x).to(dtype).clamp_(-1.0, 1.0), field, offset, coupling)
@@ -380,17 +520,30 @@ class IsingDenoiser(BaseEstimator):
 
     def _fit_meanfield(self, mu0, field, offset, coupling) -> None:
         # Notes 002 s3.4: initialise mu = x, clipped to [-1, 1] where a spin's mean must lie (Gaussian x may not).
-        sweeper = MeanFieldSweeper(mu0, field, coupling, float(self.damping), self.schedule, offset)
-        self.converged_, self.n_sweeps_ = False, 0
+        compiled = self.kernel == "compiled" or (self.kernel == "auto" and mu0.numel() >= COMPILE_MIN_PIXELS)
+        kind = CompiledSweeper if compiled else MeanFieldSweeper
+        sweeper = kind(mu0, field, coupling, float(self.damping), self.schedule, offset)
+        self.converged_, self.n_sweeps_, self.elbo_sweeps_ = False, 0, []
         for _ in range(self.max_sweeps):
-            residual, elbo_before = sweeper.sweep(with_elbo=True)
-            self.elbo_history_.append(elbo_before)
+            if self.n_sweeps_ % self.elbo_every == 0:
+                residual, elbo_before = sweeper.sweep(with_elbo=True)
+                self.elbo_history_.append(elbo_before)
+                self.elbo_sweeps_.append(self.n_sweeps_)
+            else:
+                residual = sweeper.sweep()
             self.n_sweeps_ += 1
             if residual < self.tol:
                 self.converged_ = True
                 break
         self.elbo_history_.append(sweeper.elbo())
+        self.elbo_sweeps_.append(self.n_sweeps_)
         self.posterior_mean_ = sweeper.mu.to(torch.float64).numpy().copy()
+        self.kernel_fallback_ = getattr(sweeper, "fallback_reason", None)
+        self.kernel_ = "compiled" if compiled and self.kernel_fallback_ is None else "eager"
+        if self.kernel == "compiled" and self.kernel_fallback_ is not None:
+            warnings.warn(f"torch.compile could not build the fused mean-field sweep ({self.kernel_fallback_}); "
+                          "the fit used the eager kernel (same result, slower). kernel='auto' or 'eager' "
+                          "skips this warning.", RuntimeWarning, stacklevel=3)
         if not self.converged_:
             warnings.warn(
                 f"Mean-field did not converge in max_sweeps={self.max_sweeps} sweeps: the fixed-point residual "

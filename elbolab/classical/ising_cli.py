@@ -1,5 +1,8 @@
 """CLI commands: ``elbolab denoise`` (Ising denoising) and ``elbolab functional shortest-curve``.
 
+Each writes a report, ``index.html`` in its --out folder (``elbolab.report.write_command_report``): ``denoise``
+also runs the two other methods at the same settings for a side-by-side comparison (``--no-compare`` skips them).
+
 The lead's ``elbolab/cli.py`` mounts them: ``app.command("denoise")(denoise_command)`` and
 ``app.add_typer(functional_app, name="functional")``. Bad input raises ElbolabError (one-line message, exit 2).
 """
@@ -21,8 +24,10 @@ from elbolab.outputs import check_memory, check_output_folder, round_down
 # NumPy, torch, matplotlib and the estimators are imported inside the commands: this module is imported by
 # 'elbolab --help', which must start in a fraction of a second.
 
-DENOISE_OUTPUTS = ("clean.png", "noisy.png", "denoised.png", "posterior_mean.png", "elbo.png", "result.json")
-CURVE_OUTPUTS = ("iterates.png", "result.json")
+DENOISE_OUTPUTS = ("clean.png", "noisy.png", "denoised.png", "posterior_mean.png", "elbo.png", "result.json",
+                   "index.html")
+CURVE_OUTPUTS = ("iterates.png", "result.json", "index.html")
+METHOD_NAMES = {"meanfield": "mean-field", "icm": "ICM", "gibbs": "Gibbs"}
 # Peak memory per pixel of a denoise run (the image, its noisy copy, the posterior and the fields in float64, the
 # torch work arrays and the PNG writer): 75-95 bytes measured for every method at 1024 and 2048 pixels a side.
 BYTES_PER_PIXEL = 128
@@ -46,6 +51,102 @@ def _figure():
     return Figure(figsize=(6, 4), dpi=100)
 
 
+def _png(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_denoise_report(out: Path, clean, noisy, fits: dict, result: dict, noisy_spread: float) -> Path:
+    """index.html of a ``denoise`` folder: clean, noisy and each method's estimate side by side with its pixel
+    error rate, the mean-field ELBO per sweep (and ICM's and Gibbs's log p~(z|x)), a table of the methods.
+
+    ``fits``: {method: (fitted IsingDenoiser, seconds)}, the command's own method first.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from elbolab.classical.images import error_rate
+    from elbolab.report import figure_html, note_html, table_html, write_command_report
+
+    panels = [("clean", clean, -1.0, 1.0), (f"noisy\nerror {error_rate(noisy, clean):.2%}", noisy, -noisy_spread,
+                                            noisy_spread)]
+    for method in ("meanfield", "icm", "gibbs"):
+        if method in fits:
+            fitted = fits[method][0]
+            shown = "posterior mean" if method != "icm" else "state"
+            panels.append((f"{METHOD_NAMES[method]} {shown}\nerror {error_rate(fitted.predict(), clean):.2%}",
+                           fitted.posterior_mean_, -1.0, 1.0))
+    fig = Figure(figsize=(2.6 * len(panels), 3.0), dpi=100)
+    for i, (title, image, low, high) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(np.asarray(image), cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+        ax.set_axis_off()
+    fig.tight_layout()
+    images_png = _png(fig)
+
+    fig = Figure(figsize=(11, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 2, 1)
+    if "meanfield" in fits:
+        elbo = fits["meanfield"][0].elbo_history_
+        ax.plot(np.arange(len(elbo)), elbo, color="C0")
+        ax.set(xlabel="sweep (0 = initialisation; log scale beyond 1)", ylabel="ELBO (nats)",
+               title="mean-field: ELBO per sweep")
+        ax.set_xscale("symlog", linthresh=1.0)  # the first sweeps change the most
+    else:
+        ax.set_axis_off()
+    ax = fig.add_subplot(1, 2, 2)
+    for colour, method in (("C1", "icm"), ("C2", "gibbs")):
+        if method in fits:
+            curve = fits[method][0].log_joint_history_
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=colour, label=METHOD_NAMES[method])
+    ax.set(xlabel="sweep (log scale)", ylabel="log p~(z | x) (nats)", title="ICM state and Gibbs samples: "
+           "unnormalised log posterior")
+    ax.set_xscale("log")
+    if ax.lines:
+        ax.legend(loc="lower right")
+    else:
+        ax.set_axis_off()
+    fig.tight_layout()
+    curves_png = _png(fig)
+
+    rows = []
+    for method, (fitted, seconds) in fits.items():
+        final = fitted.elbo_history_[-1] if fitted.elbo_history_ else fitted.log_joint_history_[-1]
+        what = "ELBO" if fitted.elbo_history_ else "log p~(z|x)"
+        rows.append((METHOD_NAMES[method] + (" (this run)" if method == result["method"] else ""),
+                     f"{error_rate(fitted.predict(), clean):.4f}", str(fitted.n_sweeps_),
+                     "yes" if fitted.converged_ else "no", f"{final:.1f} ({what})", f"{seconds:.2f}"))
+    noise = (f"Gaussian, sigma = {result['sigma']:g}" if result["noise"] == "gaussian"
+             else f"flips, p = {result['flip_prob']:g}")
+    cards = [("Image", f"{result['shape'][1]} x {result['shape'][0]}", result["image"]), ("Noise", noise),
+             ("Coupling J", f"{result['coupling']:g}"),
+             ("Method", METHOD_NAMES[result["method"]], f"{result['n_sweeps']} sweeps"
+              + ("" if result["converged"] else ", not converged")),
+             ("Pixel error", f"{result['error_rate_noisy']:.2%} -> {result['error_rate_denoised']:.2%}",
+              "noisy -> denoised")]
+    if result.get("final_elbo") is not None:
+        cards.append(("Final ELBO", f"{result['final_elbo']:.1f}", "nats, mean-field"))
+    notes = "" if len(fits) == 3 else note_html("Run without --no-compare to see the other methods here.")
+    sections = [
+        ("Images", figure_html(images_png, "Clean and noisy images and the estimates (grey: posterior means in "
+                                           "[-1, 1]); error = fraction of pixels whose sign differs from the clean "
+                                           "image") + notes),
+        ("Convergence", figure_html(curves_png, "Mean-field ELBO per sweep (a lower bound on log Z(x)), and the "
+                                                "unnormalised log posterior of the ICM state and of the Gibbs "
+                                                "samples")),
+        ("Methods", table_html(rows, ("Method", "Pixel error", "Sweeps", "Converged", "Final value", "Seconds"),
+                               numeric_cols=(1, 2, 5))),
+        ("Settings", table_html([(k, json.dumps(result[k])) for k in (
+            "noise", "sigma", "flip_prob", "coupling", "damping", "schedule", "seed") if k in result])),
+    ]
+    return write_command_report(out, f"elbolab denoise: {METHOD_NAMES[result['method']]}", subtitle=str(out),
+                                cards=cards, sections=sections)
+
+
 def denoise_command(
     image: Optional[Path] = typer.Argument(  # noqa: UP045 - typer needs Optional here on Python 3.10
         None, help="PNG of the clean image (grey > 0.5 is white = +1); default: the built-in test image."),
@@ -63,8 +164,10 @@ def denoise_command(
     out: Path = typer.Option(..., "--out", help="Output folder (created; an earlier run's files in it are "
                                                 "replaced only with --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Also run the other two methods (same model "
+                                 "and --sweeps) for the side-by-side comparison in index.html."),
 ) -> None:
-    """Add noise to a binary image, denoise it, and write the pictures, ELBO curve and error rates."""
+    """Add noise to a binary image, denoise it, and write the pictures, ELBO curve, error rates and a report."""
     check_output_folder(out, DENOISE_OUTPUTS, overwrite=overwrite)
     if image is None:
         if size < 8:
@@ -127,8 +230,63 @@ def denoise_command(
         "seconds": elapsed,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    fits = {method: (denoiser, elapsed)}
+    for other in ("meanfield", "icm", "gibbs") if compare else ():
+        if other != method:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the comparison's own convergence notes are in its table row
+                fitted = IsingDenoiser(**{**denoiser.get_params(), "method": other}).fit(noisy)
+            fits[other] = (fitted, time.perf_counter() - start)
+    write_denoise_report(out, clean, noisy, fits, result, spread)
     typer.echo(f"{method}: pixel error {result['error_rate_noisy']:.4f} (noisy) -> "
                f"{result['error_rate_denoised']:.4f} (denoised) after {denoiser.n_sweeps_} sweeps; wrote {out}")
+
+
+def write_curve_report(out: Path, result, line, summary: dict) -> Path:
+    """index.html of a ``functional shortest-curve`` folder: the final curve against the straight line (the
+    Euler-Lagrange solution) with the iterates, the Euler-Lagrange residual along the final curve, and the arc length
+    above the straight line's per recorded step."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from elbolab.classical.variations import arc_length_lagrangian, euler_lagrange_residual
+    from elbolab.report import figure_html, table_html, write_command_report
+
+    fig = Figure(figsize=(12, 3.8), dpi=100)
+    ax = fig.add_subplot(1, 3, 1)
+    ax.plot(result.x, result.iterates[0], color="0.6", lw=1.0, label="initial curve")
+    ax.plot(result.x, line, "r--", lw=1.5, label="straight line")
+    ax.plot(result.x, result.y, "b-", lw=1.5, marker=".", ms=4, label=f"final (step {result.n_steps})")
+    ax.set(xlabel="x", ylabel="y", title="curve")
+    ax.legend(loc="upper left", fontsize=8)
+    ax = fig.add_subplot(1, 3, 2)
+    residual = euler_lagrange_residual(arc_length_lagrangian, result.x, result.y)  # [N - 2], interior nodes
+    ax.plot(result.x[1:-1], residual, "k.-", ms=4)
+    ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.set(xlabel="x (interior nodes)", ylabel="residual R_k", title="Euler-Lagrange residual, final curve")
+    ax = fig.add_subplot(1, 3, 3)
+    excess = np.asarray(result.history, dtype=np.float64) - summary["straight_line_length"]
+    ax.semilogy(np.arange(len(excess)), np.maximum(excess, 1e-16), "g.-", ms=4)
+    ax.set(xlabel="recorded step", ylabel="length - straight line length",
+           title="excess arc length")
+    fig.tight_layout()
+    png = _png(fig)
+    rows = [(key.replace("_", " "), f"{value:.6g}" if isinstance(value, float) else json.dumps(value))
+            for key, value in summary.items()]
+    cards = [("Optimizer", summary["optimizer"], f"{summary['steps']} steps"),
+             ("Converged", "yes" if summary["converged"] else "no"),
+             ("Max deviation from the line", f"{summary['max_deviation_from_line']:.2e}"),
+             ("Euler-Lagrange residual", f"{summary['euler_lagrange_residual']:.2e}", "max over interior nodes"),
+             ("Length", f"{summary['length']:.6f}", f"straight line {summary['straight_line_length']:.6f}")]
+    iterates = out / "iterates.png"
+    figures = figure_html(png, "The final curve against the straight line, the Euler-Lagrange residual along it "
+                               "(0 at a stationary curve), and the arc length above the minimum per step")
+    if iterates.is_file():
+        figures += figure_html(iterates.read_bytes(), "Iterates of the optimizer (grey, light = early)")
+    return write_command_report(out, "elbolab functional shortest-curve", subtitle=str(out), cards=cards,
+                                sections=[("Figures", f'<div class="figures">{figures}</div>'),
+                                          ("Result", table_html(rows, ("Quantity", "Value"), numeric_cols=(1,)))])
 
 
 functional_app = typer.Typer(help="Calculus of variations by direct minimisation (notes 002 s1).",
@@ -185,6 +343,7 @@ def shortest_curve_command(
         "initial_length": result.history[0],
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
+    write_curve_report(out, result, line, summary)
     typer.echo(f"shortest curve: max deviation from the line {deviation:.2e}, Euler-Lagrange residual "
                f"{result.euler_lagrange_residual:.2e} after {result.n_steps} steps; wrote {out}")
 
