@@ -319,8 +319,8 @@ def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], im
     idx = list(range(0, n, step))
     centres_x = [1 + c * (w + 1) + w / 2 for c in idx]
     centres_y = [1 + r * (h + 1) + h / 2 for r in idx]
-    ax.set_xticks(centres_x, [f"{q[c]:.2f}" for c in idx], fontsize=7)
-    ax.set_yticks(centres_y, [f"{q[n - 1 - r]:.2f}" for r in idx], fontsize=7)
+    ax.set_xticks(centres_x, [f"{q[c]:.2f}" for c in idx], fontsize=11)
+    ax.set_yticks(centres_y, [f"{q[n - 1 - r]:.2f}" for r in idx], fontsize=11)
     ax.set_xlabel(f"z{d0}")
     ax.set_ylabel(f"z{d1}")
     return _save(fig, path)
@@ -426,7 +426,7 @@ def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: st
         lab, label_title = (None, "") if labels is None else _label_vector(labels, arr.shape[0], label_name)
         return _save(_latent_histogram(arr[:, 0], lab, label_title), path)
     coords, description = project_2d(arr, method)  # [N, 2]
-    fig, ax = plt.subplots(figsize=(6.0, 5.2), dpi=_DPI)
+    fig, ax = plt.subplots(figsize=(7.0, 5.2), dpi=_DPI)
     size = 12 if coords.shape[0] <= 2000 else 4
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.6, linewidths=0)
@@ -439,7 +439,9 @@ def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: st
                 mask = lab == cls
                 ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, linewidths=0,
                            color=cmap(i), label=_class_name(cls))
-            ax.legend(title=label_title, fontsize=8, markerscale=2, loc="best", framealpha=0.8)
+            # beside the axes, never over the points
+            ax.legend(title=label_title, fontsize=9, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0, frameon=False)
         else:
             points = ax.scatter(coords[:, 0], coords[:, 1], c=lab, s=size, alpha=0.7, linewidths=0,
                                 cmap="viridis")

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from elbolab.errors import CheckpointError
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_command_report", "figure_html", "table_html", "note_html"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_EMBED_BYTES = 10_000_000  # a page of tens of MB is unusable; such figures get a note instead
@@ -29,6 +29,8 @@ _FIGURE_KINDS = (
     ("manifold", ("manifold",), "Latent manifold: decoder mean over a grid of normal quantiles"),
     ("latent_scatter", ("scatter",),
      "Latent codes coloured by label: 2-D (or a projection), or a histogram for a 1-D latent"),
+    ("is_diagnostics", ("is_diagnostics",),
+     "Importance-sampling diagnostics: ESS per example, log weights of three examples, log p(x) against K"),
 )
 # Fallback headline when eval.json has no log p(x) block: the first top-level number whose key matches.
 _HEADLINE_FALLBACKS = (("elbo", "ELBO"), ("log_likelihood", "Log-likelihood"), ("loglik", "Log-likelihood"),
@@ -43,14 +45,15 @@ _CSS = """
 body { margin:0; background:var(--bg); color:var(--ink);
   font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
 main { max-width:1100px; margin:0 auto; padding:24px 28px 48px; }
+@media (max-width:600px) { main { padding:16px 12px 32px; } }
 h1 { font-size:1.6rem; margin:0 0 4px; }
 h2 { font-size:1.2rem; margin:36px 0 12px; padding-bottom:4px; border-bottom:2px solid var(--line); }
 h3 { font-size:1rem; margin:20px 0 8px; color:var(--muted); }
-nav { margin:8px 0 4px; font-size:.9rem; }
+nav { margin:8px 0 4px; font-size:.9rem; display:flex; flex-wrap:wrap; row-gap:4px; }
 nav a { color:var(--accent); text-decoration:none; margin-right:14px; }
 .subtitle, .note, figcaption, footer { color:var(--muted); }
 .note { font-size:.9rem; font-style:italic; margin:6px 0; }
-.cards { display:grid; grid-template-columns:repeat(auto-fill,minmax(200px,1fr)); gap:12px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fill,minmax(min(200px,100%),1fr)); gap:12px; }
 .card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 14px; }
 .card .label { font-size:.82rem; color:var(--muted); }
 .card .value { font-size:1.15rem; font-weight:600; word-break:break-word; }
@@ -70,7 +73,9 @@ th { background:#f1f4f8; font-weight:600; }
 td.num { font-variant-numeric:tabular-nums; text-align:right; white-space:nowrap; }
 tr:nth-child(even) td { background:#fbfcfd; }
 code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:.85em; }
-.figures { display:grid; grid-template-columns:repeat(auto-fill,minmax(440px,1fr)); gap:18px; }
+.figures { display:grid; grid-template-columns:repeat(auto-fill,minmax(min(440px,100%),1fr)); gap:18px;
+  align-items:start; }
+.table-wrap { max-width:100%; overflow-x:auto; }
 figure.wide { grid-column:1 / -1; }
 figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; cursor:zoom-in; }
@@ -82,6 +87,12 @@ figure img { display:block; max-width:100%; height:auto; margin:0 auto; cursor:z
 figcaption { font-size:.88rem; margin-top:6px; text-align:center; }
 footer { margin-top:40px; font-size:.8rem; }
 """
+
+
+def _explorer_css() -> str:
+    from elbolab.explorer import EXPLORER_CSS
+
+    return EXPLORER_CSS
 
 
 # Click a figure to see it full size over the page (plain JavaScript, nothing fetched); click or Esc closes.
@@ -187,7 +198,8 @@ def _table(rows, header=("Key", "Value"), numeric_cols=()) -> str:
             for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="table-wrap">{opening}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
 
 
 def _note(text: str) -> str:
@@ -445,8 +457,8 @@ def _evaluation_section(evaluation: dict, config, *, draw_kl: bool = True) -> tu
     if kl_per_dim is not None and draw_kl:
         from elbolab.plots import _kl_bar_figure, figure_png_bytes  # matplotlib only when needed
 
-        parts.append(_figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
-                             "Average KL per latent dimension (near 0: an inactive unit)"))
+        parts.append('<div class="figures">' + _figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
+                             "Average KL per latent dimension (near 0: an inactive unit)") + "</div>")
 
     # ---- the model's own numbers, then anything else
     if isinstance(evaluation.get("model_metrics"), dict) and evaluation["model_metrics"]:
@@ -518,6 +530,8 @@ def _caption(stem: str) -> str:
     if kind == len(_FIGURE_KINDS):
         return readable[:1].upper() + readable[1:]
     name, _, caption = _FIGURE_KINDS[kind]
+    if name == "is_diagnostics" and stem.lower().startswith("is_diagnostics_"):  # is_diagnostics_SPLIT.png
+        return f"{caption}, {stem[len('is_diagnostics_'):]} split"
     return caption if stem.lower() == name else f"{caption} ({readable})"
 
 
@@ -647,6 +661,41 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
     return page
 
 
+def _explorer_section(run_dir: Path) -> str | None:
+    """The interactive latent explorer (elbolab.explorer) when the run's model qualifies, else a note saying why;
+    None when the folder holds no weights. Any failure becomes a note: the page is written regardless."""
+    from elbolab.runs import WEIGHTS
+
+    if not (run_dir / WEIGHTS).is_file():
+        return None
+    from elbolab.explorer import ExplorerUnavailable, decoder_spec, explorer_html
+    from elbolab.runs import load_run
+
+    static = "the static figures below show the decoder instead."
+    try:
+        model, config = load_run(run_dir)
+        decoder_spec(model)  # refuse before loading any data
+    except ExplorerUnavailable as exc:
+        return _note(f"No interactive explorer for this run: {exc}; {static}")
+    except Exception as exc:  # noqa: BLE001 - a report never breaks on the explorer
+        return _note(f"The interactive explorer could not load the model ({type(exc).__name__}: {exc}); {static}")
+    data, data_note = None, None
+    try:
+        from elbolab.pipeline import _load_splits
+
+        data = _load_splits(config["data"]).test
+    except Exception as exc:  # noqa: BLE001
+        data_note = (f"The test data could not be loaded ({type(exc).__name__}: {exc}), so the plane shows no "
+                     "encoded examples.")
+    try:
+        page = explorer_html(model, data)
+    except ExplorerUnavailable as exc:
+        return _note(f"No interactive explorer for this run: {exc}; {static}")
+    except Exception as exc:  # noqa: BLE001
+        return _note(f"The interactive explorer failed ({type(exc).__name__}: {exc}); {static}")
+    return page + (_note(data_note) if data_note else "")
+
+
 # ---------------------------------------------------------------------------------------------- public
 def write_report(run_dir) -> Path:
     """Build ``run_dir/index.html`` from whatever the run folder holds and return its path.
@@ -692,6 +741,11 @@ def write_report(run_dir) -> Path:
     sections = [
         ("summary", "Summary", _summary_cards(run_dir, config, manifest, headline, callout, training_facts,
                                               evaluation if isinstance(evaluation, dict) else None)),
+    ]
+    explorer = _explorer_section(run_dir)
+    if explorer is not None:
+        sections.append(("explorer", "Explorer", explorer))
+    sections += [
         ("evaluation", "Evaluation", eval_html + (_note(eval_note) if eval_note else "")),
         ("training", "Training", training_html + (_note(metrics_note) if metrics_note else "")),
         ("figures", "Figures", _figures_section(run_dir / "figures")),
@@ -702,9 +756,14 @@ def write_report(run_dir) -> Path:
          (_manifest_section(manifest) if isinstance(manifest, dict) else "")
          + (_note(manifest_note) if manifest_note else "")),
     ]
+    return _write_page(run_dir, f"elbolab run: {run_dir.resolve().name}", str(run_dir), sections,
+                       extra_css=_explorer_css() if explorer else "")
+
+
+def _write_page(folder: Path, title: str, subtitle: str, sections, extra_css: str = "") -> Path:
+    """folder/index.html: title, a navigation bar, the sections (anchor, heading, html), the figure zoom."""
     from elbolab import __version__
 
-    title = f"elbolab run: {run_dir.resolve().name}"
     nav = "".join(f'<a href="#{anchor}">{_e(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>'
                    for anchor, heading, content in sections)
@@ -712,13 +771,45 @@ def write_report(run_dir) -> Path:
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
-        f'<h1>{_e(title)}</h1><div class="subtitle">{_e(str(run_dir))}</div><nav>{nav}</nav>{body}'
+        f"<title>{_e(title)}</title><style>{_CSS}{extra_css}</style></head><body><main>"
+        f'<h1>{_e(title)}</h1><div class="subtitle">{_e(subtitle)}</div><nav>{nav}</nav>{body}'
         f"<footer>Generated by elbolab {_e(__version__)} at {_e(generated)} UTC.</footer>"
         "</main>" + _ZOOM + "</body></html>\n"
     )
-    out = run_dir / "index.html"
-    tmp = run_dir / "index.html.tmp"
+    out = folder / "index.html"
+    tmp = folder / "index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)  # readers never see a half-written page
     return out
+
+
+def figure_html(png: bytes, caption: str) -> str:
+    """An embedded PNG figure with its caption (click to enlarge); wide figures take a whole row."""
+    return _figure(png, caption)
+
+
+def table_html(rows, header=("Key", "Value"), numeric_cols=()) -> str:
+    """A table of rows (values as given; format numbers first); a last column headed "Meaning" is muted."""
+    return _table(rows, header, numeric_cols)
+
+
+def note_html(text: str) -> str:
+    return _note(text)
+
+
+def write_command_report(out_dir, title: str, *, subtitle: str | None = None, cards=(), sections=()) -> Path:
+    """``out_dir/index.html`` for a command's output folder (``gmm fit``, ``denoise``, ``functional``), in the run
+    report's style: summary cards, then sections.
+
+    ``cards``: (label, value) or (label, value, sub) text triples. ``sections``: (heading, html) pairs, the html
+    built with ``figure_html``, ``table_html`` and ``note_html`` (or escaped by the caller). Written atomically.
+    """
+    out_dir = Path(out_dir)
+    page_sections = [("summary", "Summary", '<div class="cards">' + "".join(
+        _card(str(c[0]), str(c[1]), str(c[2]) if len(c) > 2 and c[2] else None) for c in cards) + "</div>")]
+    for heading, content in sections:
+        anchor = "".join(ch if ch.isalnum() else "-" for ch in heading.lower()).strip("-") or "section"
+        while any(anchor == a for a, _, _ in page_sections):
+            anchor += "-2"
+        page_sections.append((anchor, heading, content))
+    return _write_page(out_dir, title, subtitle if subtitle is not None else str(out_dir), page_sections)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
@@ -536,3 +537,104 @@ def test_manifest_git_state_of_a_checkout(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty is False
     (tmp_path / "f.txt").write_text("b")
     assert manifest_mod._git_state(tmp_path) == (commit, True)
+
+
+# ------------------------------------------------------------------------- reports of the classical commands
+def test_command_report_escapes_text_and_keeps_anchors_unique(tmp_path):
+    from elbolab.report import note_html, table_html, write_command_report
+
+    page = write_command_report(tmp_path, "t <b>", cards=[("a<b", "1", "s&t"), ("c", "2")],
+                                sections=[("Figures", note_html("<script>x</script>")), ("Figures", table_html(
+                                    [("k", "v")]))]).read_text(encoding="utf-8")
+    assert "t &lt;b&gt;" in page and "a&lt;b" in page and "s&amp;t" in page and "&lt;script&gt;x" in page
+    assert page.count('<section id="figures">') == 1 and '<section id="figures-2">' in page
+    assert page.count("<script") == 1  # the figure zoom only
+
+
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+def test_gmm_full_covariances_give_the_fitted_density(cov_type):
+    """The [K, D, D] matrices the report draws, put into a mixture density by scipy, equal score_samples."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    from elbolab.classical import GaussianMixture
+    from elbolab.classical.gmm_cli import full_covariances
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal([0, 0, 0], 1.0, (80, 3)), rng.normal([4, 1, -2], [0.5, 1.5, 1.0], (80, 3))])
+    model = GaussianMixture(n_components=2, covariance_type=cov_type, random_state=0).fit(X)
+    covs = full_covariances(model.covariances_, cov_type, 2, 3)
+    assert covs.shape == (2, 3, 3)
+    log_density = logsumexp([np.log(w) + multivariate_normal(m, c).logpdf(X)
+                             for w, m, c in zip(model.weights_, model.means_, covs)], axis=0)
+    np.testing.assert_allclose(log_density, model.score_samples(X), rtol=1e-8, atol=1e-8)
+
+
+def test_gmm_fit_report_shows_pruned_components(tmp_path):
+    from typer.testing import CliRunner
+
+    from elbolab.classical.gmm_cli import PRUNED_WEIGHT, app
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal([0, 0], 0.5, (120, 2)), rng.normal([6, 3], 0.5, (120, 2))])
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "x.npy"), "-k", "5", "--method", "vb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "params.json").read_text())
+    n_pruned = sum(w < PRUNED_WEIGHT for w in params["weights"])
+    assert n_pruned >= 2  # two clusters, five components: VB empties some
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert page.count("<td>pruned</td>") == n_pruned and f"{5 - n_pruned} of 5 used" in page
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
+    assert (out / "components.png").stat().st_size > 1000
+    again = CliRunner().invoke(app, ["fit", str(tmp_path / "x.npy"), "-k", "5", "--out", str(out)])
+    assert again.exit_code != 0 and "index.html" in str(again.exception)  # an earlier report is not overwritten
+
+
+def test_denoise_report_compares_the_three_methods(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from elbolab.classical.images import builtin_image, error_rate, flip_pixels
+    from elbolab.classical.ising import IsingDenoiser
+    from elbolab.classical.ising_cli import denoise_command
+
+    app = typer.Typer()
+    app.command("denoise")(denoise_command)
+    app.command("unused")(lambda: None)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["denoise", "--noise", "flip", "--p", "0.15", "--size", "32", "--sweeps", "60",
+                                      "--method", "icm", "--seed", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text(encoding="utf-8")
+    clean = builtin_image(32)
+    noisy = flip_pixels(clean, 0.15, 4)
+    for method, name in (("meanfield", "mean-field"), ("icm", "ICM (this run)"), ("gibbs", "Gibbs")):
+        with pytest.warns() if method == "meanfield" else contextlib.nullcontext():  # 60 sweeps: not converged
+            fitted = IsingDenoiser(noise="flip", flip_prob=0.15, method=method, max_sweeps=60,
+                                   random_state=4).fit(noisy)
+        assert row_value(page, name) == f"{error_rate(fitted.predict(), clean):.4f}", method
+    assert page.count("data:image/png;base64,") == 2
+    alone = CliRunner().invoke(app, ["denoise", "--size", "16", "--sweeps", "10", "--no-compare",
+                                     "--out", str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output
+    alone_page = (tmp_path / "alone" / "index.html").read_text(encoding="utf-8")
+    assert row_value(alone_page, "mean-field (this run)") is not None and row_value(alone_page, "ICM") is None
+
+
+def test_shortest_curve_report(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from elbolab.classical.ising_cli import functional_app
+
+    app = typer.Typer()
+    app.add_typer(functional_app, name="functional")
+    app.command("unused")(lambda: None)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["functional", "shortest-curve", "--points", "9", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert f"{summary['euler_lagrange_residual']:.2e}" in page and page.count("data:image/png;base64,") == 2
