@@ -95,7 +95,8 @@ def load_data(
     val_size: ValSize | None = None,
 ) -> DataSplits:
     """Load a registered source ("digits": embedded, offline; "mnist": IDX files, see find_mnist_dir; ...) or a
-    .npy/.npz/.csv file.
+    path: a .npy/.npz/.csv array file, a sparse document-term .npz or a folder of text files (bag of words, see
+    elbolab.data.bow), or a folder written by elbolab.data.mmap.write_mmap (memory-mapped).
 
     val_size None means each source's default: 10000 images for MNIST, 15% of the rows otherwise.
     data_dir is passed to the named sources (MNIST looks there first).
@@ -111,6 +112,13 @@ def load_data(
     if name in _SOURCES:
         return _SOURCES[name](data_dir=data_dir, **options)
     path = Path(source).expanduser()
+    from elbolab.data.bow import is_bow_path, load_bow_path
+    from elbolab.data.mmap import HEADER, load_mmap
+
+    if path.is_dir() and (path / HEADER).is_file():  # a folder written by write_mmap
+        return load_mmap(path, **options)
+    if is_bow_path(path):  # a 20news-style folder, a folder of text files, or a sparse document-term .npz
+        return load_bow_path(path, **options)
     if path.suffix.lower() in ARRAY_SUFFIXES or path.exists():
         return load_array_file(path, **options)
     raise DataError(
