@@ -39,7 +39,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, **FAST)
     model, config = runs.load_run(run)
-    fresh = build_model("vae", ModelConfig.from_dict(config["model_config"]))
+    fresh = build_model("vae", VAE.config_class.from_dict(config["model_config"]))
     trainer = Trainer(fresh, TrainConfig(**config["train_config"]), tmp_path / "unused", model_name="vae")
     from elbolab.checkpoint import load_checkpoint
 

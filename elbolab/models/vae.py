@@ -15,24 +15,75 @@ The loss is the negative mean of L(x) over the batch. Scheduled values read from
 * ``capacity`` C (default: none): the penalty becomes beta * |mean_b KL - C| (Burgess et al. 2018, gamma = beta).
 
 The reported ``elbo`` metric is always the plain ELBO (beta = 1, no free bits), comparable across settings.
+
+VAE as EM (notes 001 s3 eq. 43-45, notes 003 "VAE vs EM algorithm", notes 004): ``updates="alternate"`` splits the
+parameters into an ``encoder`` group (phi: the E-like step, raising the ELBO by moving q(z|x) towards p(z|x)) and a
+``decoder`` group (theta and the likelihood's own parameters: the M-like step, raising E_q[log p(x, z)] with q fixed)
+and steps one of them per step, ``alternate_every`` steps each, encoder first (NVDM, Miao et al. 2016, alternates too).
+Both steps descend the same loss; the trainer rests the group whose loss is None. ``updates="joint"`` (default) is
+the usual simultaneous update of all parameters with one optimiser.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
-from elbolab.models.base import LatentVariableModel, LossOutput
+from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
 from elbolab.objectives import free_bits_kl, kl_per_dim, kl_term
 from elbolab.schedules import StepContext
+
+UPDATES = ("joint", "alternate")
+
+
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    updates: str = option("joint", "joint | alternate (encoder and decoder groups stepped in turn, encoder first)")
+    alternate_every: int = option(1, "steps per phase with updates=alternate")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.updates not in UPDATES:
+            raise ElbolabError(f"vae: expected updates in {', '.join(UPDATES)}, got {self.updates!r}; "
+                               "try --set updates=alternate")
+        if self.alternate_every < 1:
+            raise ElbolabError(f"vae: expected alternate_every >= 1 steps, got {self.alternate_every!r}")
 
 
 @register_model("vae")
 class VAE(LatentVariableModel):
     """Gaussian encoder (diagonal or full covariance), Bernoulli or Gaussian decoder, N(0, I) prior."""
 
+    config_class = VAEConfig
     scheduled_values = ("beta", "free_bits", "capacity")
     reads_mc_samples = True
+
+    def update_mode(self) -> str:
+        """"joint" or "alternate"; subclasses whose config is not a VAEConfig always train jointly."""
+        return self.config.updates if isinstance(self.config, VAEConfig) else "joint"
+
+    def phase(self, step: int) -> str:
+        """The group stepped at ``step`` with updates=alternate: "encoder" (E-like) or "decoder" (M-like)."""
+        return "encoder" if (step // self.config.alternate_every) % 2 == 0 else "decoder"
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        if self.update_mode() == "joint":
+            return super().parameter_groups()
+        encoder = list(self.encoder.parameters())
+        mine = {id(p) for p in encoder}
+        # the decoder group: the decoder, the likelihood head (e.g. a learned sigma) and anything else
+        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in mine]}
+
+    def route_loss(self, loss: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor | None]:
+        """The losses per parameter group: {"model": loss}, or the alternating {"encoder", "decoder"} pair."""
+        if self.update_mode() == "joint":
+            return {"model": loss}
+        active = self.phase(ctx.step)
+        return {name: loss if name == active else None for name in ("encoder", "decoder")}
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         q = self.encode(batch)  # batch [B], event [d]
@@ -55,4 +106,4 @@ class VAE(LatentVariableModel):
             penalty = (penalty - ctx.value("capacity", 0.0)).abs()
         loss = -recon.mean() + beta * penalty
         metrics.update(elbo=recon - kl, kl=kl, recon=recon)
-        return LossOutput({"model": loss}, metrics)
+        return LossOutput(self.route_loss(loss, ctx), metrics)

@@ -1,0 +1,159 @@
+"""Prior holes (notes 001 s2.5, Fig. 2): regions that the prior p(z) = N(0, I) covers but that no training code
+reaches, so the decoder never learned what to put there and samples drawn there look poor.
+
+The codes actually used are the aggregated posterior (Hoffman & Johnson 2016, "ELBO surgery";
+Makhzani et al. 2016), estimated from n encoded points,
+
+    q(z) = 1/n sum_{i=1}^{n} q(z | x_i)                (a MixtureSameFamily of the encoders' Gaussians)
+
+and the hole mass is the prior probability of the region where q(z) falls below a fraction t of p(z):
+
+    H_t = P_{z ~ p}[ q(z) / p(z) < t ]  ~  1/S sum_s 1[q(z_s)/p(z_s) < t],  z_s ~ p(z),   s.e. sqrt(H (1 - H) / S).
+
+It is measured in a plane: the latent space itself when d = 2; otherwise the first two principal axes P [d, 2]
+(orthonormal) of the latent means E_q[z|x_i]. Both densities are then exact marginals on that plane: p(P^T z) is
+N(0, I_2) and q(P^T z) the mixture of N(P^T mu_i, P^T Sigma_i P). A full-space number (the same ratio in all d
+dimensions) is reported beside it; in many dimensions almost all the prior mass is a "hole" by this measure.
+
+Decoded examples: z ~ p(z) in the full space, sorted by the plane's ratio into holes (q/p < t) and well-covered
+regions (q/p > ``covered``, default 1: the codes are denser than the prior there).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, MultivariateNormal, Normal
+
+from elbolab.data.core import as_batch
+from elbolab.errors import ElbolabError
+
+THRESHOLD = 0.1  # q(z)/p(z) below this: a hole
+COVERED = 1.0  # q(z)/p(z) above this: well covered
+
+
+def posterior_gaussians(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means [n, d] and covariances [n, d, d] of q(z|x_i) for the batch (a diagonal or full-covariance encoder)."""
+    q = model.encode(as_batch(batch))
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        return q.mean, torch.diag_embed(q.variance)
+    if isinstance(q, MultivariateNormal):
+        return q.loc, q.covariance_matrix
+    raise ElbolabError(f"prior holes: expected a Gaussian q(z|x) (Independent Normal or MultivariateNormal), got "
+                       f"{type(q).__name__}")
+
+
+def principal_plane(means: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """An orthonormal basis P [d, 2] of the plane and how it was chosen: the latent axes when d = 2, otherwise the
+    first two principal axes of the (centred) latent means [n, d]."""
+    d = means.shape[-1]
+    if d < 2:
+        raise ElbolabError(f"prior holes: expected a latent space of 2 or more dimensions, got {d}")
+    if d == 2:
+        return torch.eye(2, dtype=means.dtype, device=means.device), "latent axes z1, z2"
+    _, _, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+    return vh[:2].T.contiguous(), "first two principal axes of E[z|x]"
+
+
+def aggregated_posterior(means: torch.Tensor, covariances: torch.Tensor, basis: torch.Tensor | None = None
+                         ) -> MixtureSameFamily:
+    """q(z) = 1/n sum_i N(P^T mu_i, P^T Sigma_i P) (batch [], event [k]); P = identity when ``basis`` is None."""
+    if basis is not None:
+        means, covariances = means @ basis, basis.T @ covariances @ basis  # [n, k], [n, k, k]
+    n = means.shape[0]
+    components = MultivariateNormal(means, covariance_matrix=covariances, validate_args=False)
+    return MixtureSameFamily(Categorical(logits=means.new_zeros(n), validate_args=False), components,
+                             validate_args=False)
+
+
+def density_ratio(q: Distribution, p: Distribution, z: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """log q(z) - log p(z) for z [S, k], in chunks (a mixture of n components costs n * chunk at a time): [S]."""
+    return torch.cat([q.log_prob(part) - p.log_prob(part) for part in z.split(chunk)])
+
+
+def hole_mass(q: Distribution, p: Distribution, *, threshold: float = THRESHOLD, n_samples: int = 100_000,
+              seed: int = 0, z: torch.Tensor | None = None) -> dict:
+    """P_{z~p}[q(z)/p(z) < threshold] by Monte Carlo with its standard error: {"mass", "se", "threshold",
+    "n_samples"}; ``z`` (draws of p) may be given instead of drawing ``n_samples``."""
+    if not threshold > 0:
+        raise ElbolabError(f"prior holes: expected a threshold > 0, got {threshold!r}; try 0.1")
+    if z is None:
+        generator = torch.Generator().manual_seed(seed)
+        z = p.mean + p.stddev * torch.randn(n_samples, *p.event_shape, generator=generator, dtype=p.mean.dtype)
+    log_ratio = density_ratio(q, p, z)  # [S]
+    holes = (log_ratio < math.log(threshold)).double()
+    mass = float(holes.mean())
+    return {"mass": mass, "se": math.sqrt(mass * (1 - mass) / len(holes)), "threshold": threshold,
+            "n_samples": len(holes)}
+
+
+def _check_standard_normal(prior: Distribution) -> None:
+    ok = (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal) and prior.batch_shape == ()
+          and bool((prior.base_dist.loc == 0).all()) and bool((prior.base_dist.scale == 1).all()))
+    if not ok:
+        raise ElbolabError(f"prior holes: expected a model with the N(0, I) prior, got {type(prior).__name__}; a "
+                           "learned or mixture prior needs its own ratio (not supported)")
+
+
+@torch.no_grad()
+def analyse(model, data, *, n_points: int = 2000, threshold: float = THRESHOLD, covered: float = COVERED,
+            n_samples: int = 100_000, n_images: int = 30, seed: int = 0) -> dict:
+    """Hole mass in the plane and in the full space, the plane, the aggregated posterior there and decoded
+    samples from holes and from well-covered regions, for a model and a data split."""
+    model.eval()
+    param = next(model.parameters())
+    prior = model.prior()
+    _check_standard_normal(prior)
+    n = min(n_points, len(data))
+    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed)).to(param)
+    means, covariances = posterior_gaussians(model, batch)  # [n, d], [n, d, d]
+    basis, plane = principal_plane(means)
+    d = means.shape[1]
+    q_plane = aggregated_posterior(means, covariances, basis)
+    p_plane = Independent(Normal(means.new_zeros(2), means.new_ones(2)), 1)
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_samples, d, generator=generator).to(param)  # [S, d] ~ p(z)
+    z_plane = z @ basis  # [S, 2] ~ N(0, I_2) since P is orthonormal
+    log_ratio = density_ratio(q_plane, p_plane, z_plane)  # [S]
+    result = {"plane": plane, "basis": basis.cpu(), "n_points": n, "latent_dim": d, "covered": covered,
+              **hole_mass(q_plane, p_plane, threshold=threshold, z=z_plane)}
+    if d > 2:
+        full = hole_mass(aggregated_posterior(means, covariances), prior, threshold=threshold, z=z[:10_000])
+        result["full_space"] = {"mass": full["mass"], "se": full["se"], "n_samples": full["n_samples"]}
+    holes, good = log_ratio < math.log(threshold), log_ratio > math.log(covered)
+    result["covered_mass"] = float(good.double().mean())
+    result["hole_z"], result["covered_z"] = z[holes][:n_images].cpu(), z[good][:n_images].cpu()
+    if model.config.image_shape is not None:
+        result["hole_images"] = model.decode_mean(z[holes][:n_images]).cpu()
+        result["covered_images"] = model.decode_mean(z[good][:n_images]).cpu()
+    result["aggregated_posterior"] = aggregated_posterior(means.cpu(), covariances.cpu(), basis.cpu())
+    result["means_plane"] = (means @ basis).cpu()  # [n, 2]
+    return result
+
+
+def prior_holes(run_dir, *, split: str = "test", n_points: int = 2000, threshold: float = THRESHOLD,
+                covered: float = COVERED, n_samples: int = 100_000, n_images: int = 30, seed: int = 0,
+                figures: bool = True) -> dict:
+    """The prior-hole analysis of a trained run (N(0, I) prior) on ``split``: a JSON-ready dict {"mass", "se",
+    "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim", "full_space"
+    (d > 2), "figures"}; with ``figures`` the density figure (run_dir/figures/prior_holes.png) is drawn."""
+    from elbolab import runs
+    from elbolab.pipeline import _load_splits
+
+    if split not in ("train", "val", "test"):
+        raise ElbolabError(f"prior holes: expected split train, val or test, got {split!r}")
+    model, config = runs.load_run(run_dir)
+    data = getattr(_load_splits(config["data"]), split)
+    result = analyse(model, data, n_points=n_points, threshold=threshold, covered=covered, n_samples=n_samples,
+                     n_images=n_images, seed=seed)
+    paths = []
+    if figures:
+        from elbolab.figures.prior_holes import plot_prior_holes
+
+        paths.append(plot_prior_holes(result, Path(run_dir) / runs.FIGURES / "prior_holes.png",
+                                      image_shape=model.config.image_shape))
+    keep = ("mass", "se", "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim",
+            "full_space")
+    return {**{k: result[k] for k in keep if k in result}, "split": split, "figures": [str(p) for p in paths]}
