@@ -46,6 +46,17 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _parse_dims(text: str) -> list[int]:
+    try:
+        dims = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 0:
+        raise ElbolabError(f"expected --dims as latent dimensions (0, 1, ...) separated by commas, e.g. 0,3; got "
+                           f"{text!r}")
+    return dims
+
+
 def _parse_val_size(text: str | None) -> int | float | None:
     if text is None:
         return None
@@ -166,14 +177,16 @@ def train_command(
     val_size: str = typer.Option(None, "--val-size", help="validation rows (count, or a fraction like 0.1)"),
     train_size: int = typer.Option(None, "--train-size", help="train on the first N training rows only (after the "
                                                              "seeded split; a quick look at a large data set)"),
-    latent_dim: int = typer.Option(20, "--latent-dim"),
-    hidden: str = typer.Option("400", help="hidden layer sizes, e.g. 400,400"),
-    activation: str = typer.Option("relu", help="relu | tanh | elu | softplus | gelu"),
-    arch: str = typer.Option("mlp", help="mlp | conv"),
-    likelihood: str = typer.Option("bernoulli", help="bernoulli | continuous-bernoulli | gaussian | "
-                                                    "gaussian-learned | gaussian-decoder"),
-    sigma: float = typer.Option(1.0, help="standard deviation of the fixed Gaussian likelihood"),
-    encoder_covariance: str = typer.Option("diag", "--encoder-covariance", help="diag | full"),
+    latent_dim: int = typer.Option(None, "--latent-dim", help="dimensions of z [default: the model's, 20 for the "
+                                                               "vae, 50 for nvdm, 10 for vade]"),
+    hidden: str = typer.Option(None, help="hidden layer sizes, e.g. 400,400 [default: the model's, 400 for the vae]"),
+    activation: str = typer.Option(None, help="relu | tanh | elu | softplus | gelu [default: the model's, relu for "
+                                              "the vae]"),
+    arch: str = typer.Option(None, help="mlp | conv [default: mlp]"),
+    likelihood: str = typer.Option(None, help="bernoulli | continuous-bernoulli | gaussian | gaussian-learned | "
+                                              "gaussian-decoder [default: the model's, bernoulli for the vae]"),
+    sigma: float = typer.Option(None, help="standard deviation of the fixed Gaussian likelihood [default: 1]"),
+    encoder_covariance: str = typer.Option(None, "--encoder-covariance", help="diag | full [default: diag]"),
     epochs: int = typer.Option(10, help="train until this many epochs (with --resume: extend the run to it)"),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(1e-3),
@@ -221,8 +234,11 @@ def train_command(
              "checkpoint_every": "checkpoint_every", "keep_best": "keep_best", "device": "device",
              "precision": "precision"}
     values = locals()
+    # these reach the model only when given: otherwise the model's own default holds (nvdm's 500 tanh units,
+    # vade's 10-d latent, beta-vae's beta), not a CLI-wide one
+    model_flags = {"latent_dim", "hidden", "activation", "arch", "likelihood", "sigma", "encoder_covariance", "beta"}
     options = {key: converters.get(param, lambda v: v)(values[param]) for param, key in names.items()
-               if given(param) or not resume}
+               if given(param) or not (resume or param in model_flags)}
     options["progress"] = progress  # how a run is watched may change on resume; what it writes keeps its setting
     if given("tensorboard") or not resume:
         options["tensorboard"] = tensorboard
@@ -282,6 +298,8 @@ def eval_command(
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
     limit: int = typer.Option(None, "--limit", help="only the first N examples of the split (a quick first look)"),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (matrix products in bfloat16; log-sum-exp in float64)"),
+    disentanglement: bool = typer.Option(False, "--disentanglement", help="also the beta-VAE, FactorVAE and MIG "
+                                         "metrics (a run on --data sprites or dsprites; about a minute)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Importance-sampled log p(x) with its Monte-Carlo s.e., ELBO, active units. Every evaluation is kept in
@@ -290,9 +308,14 @@ def eval_command(
 
     result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
                                data_dir=data_dir, seed=seed, progress=progress, compare=compare, weights=weights,
-                               device=device, limit=limit, precision=precision)
+                               device=device, limit=limit, precision=precision, disentanglement=disentanglement)
     typer.echo(f"weights: {result['weights']}")
     typer.echo(_headline(result))
+    if "disentanglement" in result:
+        scores = result["disentanglement"]
+        typer.echo(f"disentanglement: beta-VAE metric {scores['beta_vae']['eval_accuracy']:.3f}, FactorVAE "
+                   f"metric {scores['factor_vae']['eval_accuracy']:.3f}, MIG {scores['mig']['mig']:.3f} "
+                   "(held-out accuracies; MIG in [0, 1])")
     typer.echo(f"saved to {result['saved_to']}; report refreshed: {(Path(run_dir) / 'index.html').resolve()}")
 
 
@@ -309,6 +332,72 @@ def sample_command(
     from elbolab import pipeline
 
     typer.echo(str(pipeline.sample(run_dir, n, out, seed, overwrite=overwrite)))
+
+
+@app.command("traverse")
+def traverse_command(
+    run_dir: Path = typer.Argument(..., help="a run folder written by 'elbolab train'"),
+    dims: str = typer.Option(None, "--dims", help="latent dimensions to sweep, e.g. 0,3,5 [default: all, up to 10, "
+                                                  "the highest KL first]"),
+    steps: int = typer.Option(9, help="values per dimension"),
+    span: float = typer.Option(3.0, help="sweep each dimension over [-span, span] around the image's code"),
+    index: int = typer.Option(0, help="the seed image: its row in --split"),
+    split: str = typer.Option("test", help="test | train | val"),
+    out: Path = typer.Option(None, "--out", help="folder for traversals.png and .gif [default: RUN_DIR/figures]"),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+):
+    """Latent traversals around one image: a grid (one row per dimension) and an animated GIF."""
+    from elbolab.figures.traversals import traverse_run
+
+    chosen = None if dims is None else _parse_dims(dims)
+    for path in traverse_run(run_dir, dims=chosen, steps=steps, span=span, index=index, split=split, out_dir=out,
+                             data_dir=data_dir):
+        typer.echo(str(path))
+
+
+@app.command("holes")
+def holes_command(
+    run_dir: Path = typer.Argument(..., help="a run folder of a model with an N(0, I) prior"),
+    split: str = typer.Option("test", help="test | train | val"),
+    n_points: int = typer.Option(2000, "--n-points", help="encoded examples forming the aggregated posterior"),
+    threshold: float = typer.Option(0.1, help="a hole: where q(z) / p(z) is below this"),
+    n_samples: int = typer.Option(100_000, "--n-samples", help="prior samples for the hole mass"),
+    seed: int = typer.Option(0),
+):
+    """Prior holes: the prior mass where the aggregated posterior q(z) barely reaches (q/p < threshold), with a
+    figure of both densities and decoded samples from holes and from covered regions."""
+    from elbolab.prior_holes import prior_holes
+
+    result = prior_holes(run_dir, split=split, n_points=n_points, threshold=threshold, n_samples=n_samples,
+                         seed=seed)
+    typer.echo(f"prior mass in holes (q(z)/p(z) < {result['threshold']:g}): {result['mass']:.3f} +- "
+               f"{result['se']:.3f} (s.e., {result['n_samples']:,} prior samples; q(z) from {result['n_points']:,} "
+               f"{split} examples, {result['plane']})")
+    for path in result["figures"]:
+        typer.echo(path)
+
+
+@app.command("topics")
+def topics_command(
+    run_dir: Path = typer.Argument(..., help="a run folder of a topic model (nvdm)"),
+    top: int = typer.Option(10, help="words per latent dimension"),
+):
+    """The top words of each latent dimension (largest weights of R)."""
+    from elbolab.topics import topics
+
+    typer.echo(topics(run_dir, top))
+
+
+@app.command("neighbours")
+def neighbours_command(
+    run_dir: Path = typer.Argument(..., help="a run folder of a topic model (nvdm)"),
+    words: list[str] = typer.Argument(..., help="one or more words of the vocabulary"),
+    n: int = typer.Option(5, "-n", help="neighbours per word"),
+):
+    """The nearest words by cosine similarity of the decoder's word vectors (the columns of R)."""
+    from elbolab.topics import neighbours
+
+    typer.echo(neighbours(run_dir, words, n))
 
 
 @app.command("report")
@@ -339,7 +428,7 @@ def demo_command(
         out = Path(f"{out}-{stamp}")  # never overwrite an earlier demo
     # dynamically binarised digits: the Bernoulli likelihood is then a true log-likelihood of binary images
     run = pipeline.train("vae", "digits", out=out, latent_dim=2, hidden=(256, 128), epochs=epochs, batch_size=64,
-                         lr=3e-3, seed=0, binarize="dynamic", tensorboard=False)
+                         lr=3e-3, seed=0, binarize="dynamic")
     result = pipeline.evaluate(run, k=iw_samples, naive_k=iw_samples)
     pipeline.report(run)
     typer.echo(_headline(result))

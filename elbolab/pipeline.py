@@ -194,14 +194,16 @@ def _training_summary(model, val, history: list[dict], out: Path, seconds: float
 
 def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None = None, data_dir=None,
              seed: int = 0, progress: bool = False, compare=None, weights: str = "last", device: str = "cpu",
-             limit: int | None = None, refresh_report: bool = True, precision: str = "fp32") -> dict:
+             limit: int | None = None, refresh_report: bool = True, precision: str = "fp32",
+             disentanglement: bool = False) -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics. Every evaluation is kept: a new file in RUN_DIR/evaluations (see ``runs.save_evaluation``; its path is
     returned under ``"saved_to"``), eval.json is the latest, and the report is refreshed. ``limit``: only the first N
     examples of the split (a quick first look before a long K = 5000 run). ``compare``: another run, evaluated on
     the same examples with the same settings, reported as the paired difference of log p(x) (this run minus the
     other). ``weights``: "last" (the end of training) or "best" (the best validation ELBO, with --keep-best);
-    ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``)."""
+    ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``);
+    ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data)."""
     from elbolab.evaluate import evaluate_model, importance_diagnostics, paired_difference
 
     if split not in ("test", "train", "val"):
@@ -215,6 +217,10 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     model.to(target)
     splits = _load_splits(config["data"], data_dir)
     data = getattr(splits, split)
+    if disentanglement:  # refused before the long log p(x) run when the data have no known factors
+        from elbolab.disentanglement import disentanglement_scores, model_encoder, run_factor_data
+
+        factors = run_factor_data(config["data"], data_dir)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ElbolabError(f"expected --limit N >= 1 examples, got {limit!r}")
@@ -247,6 +253,8 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
 
     plots.plot_is_diagnostics(diagnostics, Path(run_dir) / runs.FIGURES / f"is_diagnostics_{split}.png",
                               split=split)
+    if disentanglement:
+        result["disentanglement"] = disentanglement_scores(model_encoder(model), factors, seed=seed)
     saved = runs.save_evaluation(Path(run_dir), result)
     if refresh_report:
         report(run_dir)

@@ -460,7 +460,18 @@ def _evaluation_section(evaluation: dict, config, *, draw_kl: bool = True) -> tu
         parts.append('<div class="figures">' + _figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
                              "Average KL per latent dimension (near 0: an inactive unit)") + "</div>")
 
-    # ---- the model's own numbers, then anything else
+    # ---- disentanglement (eval --disentanglement), the model's own numbers, then anything else
+    scores = evaluation.get("disentanglement")
+    if isinstance(scores, dict):
+        used.add("disentanglement")
+        rows = [(label, _fmt(scores.get(key, {}).get(field))) for label, key, field in (
+            ("beta-VAE metric (held-out accuracy)", "beta_vae", "eval_accuracy"),
+            ("FactorVAE metric (held-out accuracy)", "factor_vae", "eval_accuracy"),
+            ("Mutual information gap (MIG)", "mig", "mig"))]
+        per_factor = scores.get("mig", {}).get("per_factor") or {}
+        rows += [(f"MIG of factor {name}", _fmt(value)) for name, value in per_factor.items()]
+        parts.append("<h3>Disentanglement</h3>")
+        parts.append(_table(rows, ("Metric", "Value"), numeric_cols=(1,)))
     if isinstance(evaluation.get("model_metrics"), dict) and evaluation["model_metrics"]:
         used.add("model_metrics")
         parts.append("<h3>Model-specific metrics</h3>")

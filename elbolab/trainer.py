@@ -362,6 +362,7 @@ class Trainer:
                     self._log(records)
                     self._keep_best(records)
                     self._epoch_end_hook(val)
+                    self._tensorboard_images(val if val is not None and len(val) else train)
                     self._save_checkpoint(None)
                     runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict())
                     self.say(epoch_line(self.epoch, cfg.epochs, records, seconds))
@@ -372,6 +373,8 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped after epoch {self.epoch}; checkpoint written. Continue with: elbolab train --out "
                         f"{self.run_dir} --resume")
+            if self.rank == 0:
+                self._tensorboard_hparams(history)
         finally:
             if handle_sigint:
                 signal.signal(signal.SIGINT, previous)
@@ -565,8 +568,55 @@ class Trainer:
             for r in records:
                 for key, value in r.items():
                     if key not in ("epoch", "step", "split", "time") and isinstance(value, (int, float)):
-                        self._writer.add_scalar(f"{r['split']}/{key}", value, r["epoch"])
+                        self._writer.add_scalar(f"{r['split']}/{key}", value, r["step"])  # as metrics.jsonl
             self._writer.flush()
+
+    def _tensorboard_images(self, data) -> None:
+        """Reconstructions of the first 16 images of ``data`` and 16 samples, at this optimiser step, in eval mode
+        with the RNG state restored (the training trajectory and exact resume are untouched)."""
+        shape = getattr(self.model.config, "image_shape", None)
+        if self._writer is None or shape is None or not len(data):
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)  # the same draws every epoch: the grid changes with the model
+                param = next(self.model.parameters())
+                batch = data.batch(torch.arange(min(16, len(data))), torch.Generator().manual_seed(0)).to(param)
+                pairs = torch.stack([batch.x, self.model.reconstruct(batch).float()], 1)  # [B, 2, D]
+                self._writer.add_images("reconstructions (original | reconstruction)",
+                                        pairs.reshape(-1, *shape).clamp(0, 1).cpu(), self.step)
+                try:
+                    samples = self.model.sample(16)
+                except ElbolabError:  # a model that samples only given a condition (cvae on quadrants)
+                    samples = None
+                if samples is not None:
+                    self._writer.add_images("samples", samples.float().reshape(-1, *shape).clamp(0, 1).cpu(),
+                                            self.step)
+            self._writer.flush()
+        finally:
+            self.model.train(was_training)
+
+    def _tensorboard_hparams(self, history: list[dict]) -> None:
+        """The run's settings with its final metrics (TensorBoard's HPARAMS tab), once training ends."""
+        if self._writer is None or not history:
+            return
+        settings = {}
+        for group in ("model_config", "train_config", "data"):
+            for key, value in (self.run_config()[group] or {}).items():
+                if isinstance(value, (list, tuple, dict)):
+                    value = json.dumps(value)
+                if value is not None:
+                    settings[f"{group.split('_')[0]}.{key}"] = value
+        settings["model"] = self.model_name
+        final = {}
+        for r in history:  # the last record of each split
+            final.update({f"final/{r['split']}/{k}": v for k, v in r.items()
+                          if k not in ("epoch", "step", "split", "time", "seconds") and isinstance(v, (int, float))
+                          and not isinstance(v, bool)})
+        self._writer.add_hparams(settings, final, run_name="hparams")
+        self._writer.flush()
 
 
 def epoch_line(epoch: int, epochs: int, records: list[dict], seconds: float) -> str:
