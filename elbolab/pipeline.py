@@ -123,6 +123,11 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
             report(out)
         for line in summary["lines"]:
             trainer.say(line)
+    if trainer.world > 1 and torch.distributed.is_initialized():
+        # leave together and close gloo explicitly: a rank whose interpreter exits with the group still open can
+        # abort ("terminate called without an active exception") while another is finishing
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return Path(out)
 
 

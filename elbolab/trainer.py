@@ -438,8 +438,11 @@ class Trainer:
             generator.set_state(self._resume_point["binarize"])
             self._resume_point = None
         bar = self._progress(len(batches), start)
+        prefetch = getattr(train, "prefetch", None)  # data on disk (memory-mapped): read the next rows meanwhile
         for i in range(start, len(batches)):
             index = batches[i]
+            if prefetch is not None and i + 1 < len(batches):
+                prefetch(batches[i + 1])
             batch = train.batch(index, generator)  # x [B, D] float32 on the CPU, y, index
             if self._move_batches:
                 batch = batch.to(self._like)

@@ -101,3 +101,18 @@ def test_bad_requests_are_refused(tmp_path):
     flat = get_model_class("vae")(VAEConfig(input_dim=5, latent_dim=2, hidden=(4,)))
     with pytest.raises(ElbolabError, match="not images"):
         traverse(flat, torch.rand(2, 5), tmp_path)
+
+
+def test_a_hierarchy_is_traversed_over_its_joint_code():
+    """hvae's decoder takes z = cat(z1, z2) and reads z1 only: rows of z1 dimensions change the image, rows of z2
+    dimensions do not, and the KL labels cover both layers."""
+    from elbolab.models.hvae import HierarchicalConfig
+
+    torch.manual_seed(0)
+    model = get_model_class("hvae")(HierarchicalConfig(input_dim=64, image_shape=(1, 8, 8), latent_dims=(3, 2),
+                                                       hidden=(16,))).eval()
+    x = torch.rand(5, 64).round()
+    images, dims, _, kl = traversal_images(model, x, dims=[0, 2, 3, 4], steps=4)
+    assert images.shape == (4, 4, 64) and kl.shape == (5,)
+    spread = (images.amax(1) - images.amin(1)).amax(-1)  # [rows]: how much each sweep changes the image
+    assert (spread[:2] > 1e-3).all() and (spread[2:] < 1e-6).all()

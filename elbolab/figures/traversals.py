@@ -28,9 +28,16 @@ GIF_CELL = 96  # each image is enlarged (by a whole factor) to at least this man
 GIF_MS = 120  # milliseconds per frame
 
 
-def _first_group(means: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
-    name = "z" if "z" in means else next(iter(means))
-    return name, means[name]
+def _latent_code(means: dict[str, torch.Tensor], terms: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(code [B, d], KL per dimension [B, d] or None): group "z", else the only group, else every group joined in
+    order, as a hierarchical model's decoder takes z = cat(z1..zL) (in a top-down hierarchy p(x|z1) reads z1 only,
+    so rows of higher layers stay constant: their effect goes through the prior of z1, not the decoder mean)."""
+    names = ["z"] if "z" in means else list(means)
+    code = torch.cat([means[n] for n in names], -1)
+    kl = None
+    if terms is not None and all(n in terms and terms[n].shape == means[n].shape for n in names):
+        kl = torch.cat([terms[n] for n in names], -1)
+    return code, kl
 
 
 @torch.no_grad()
@@ -52,15 +59,13 @@ def traversal_images(model, batch_or_image, dims: Sequence[int] | None = None, s
     model.eval()
     like = next(model.parameters())
     batch = batch.to(like)
-    group, means = _first_group(model.latent_means(batch))  # [B, d]
-    latent_dim = means.shape[-1]
-    kl = None
     try:
         terms = model.kl_terms(batch)
     except (ElbolabError, NotImplementedError):
         terms = None
-    if terms is not None and group in terms and terms[group].shape[-1] == latent_dim:
-        kl = terms[group].mean(0).cpu().numpy()  # [d]
+    means, kl_terms = _latent_code(model.latent_means(batch), terms)  # [B, d], [B, d] or None
+    latent_dim = means.shape[-1]
+    kl = None if kl_terms is None else kl_terms.mean(0).cpu().numpy()  # [d]
     if dims is None:
         dims = list(np.argsort(-kl, kind="stable")) if kl is not None else list(range(latent_dim))
     dims = [int(j) for j in dims]
