@@ -16,3 +16,13 @@ def small_npy(tmp_path):
     path = tmp_path / "small.npy"
     np.save(path, rng.random((400, 16)).astype("float32"))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny problems: a second OpenMP thread only adds synchronisation (badly so
+    on a busy machine). Restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

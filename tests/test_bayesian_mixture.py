@@ -21,13 +21,7 @@ PRIOR_TYPES = ["dirichlet_distribution", "dirichlet_process"]
 FITTED = ["weights_", "mean_precision_", "means_", "degrees_of_freedom_", "covariances_", "precisions_cholesky_"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second OpenMP thread only adds synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def blobs(n_per=100, dim=3, seed=0, spread=3.0, offset=10.0):

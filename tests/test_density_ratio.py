@@ -13,14 +13,7 @@ from torch.distributions import MultivariateNormal, Normal
 from elbolab.density_ratio import DensityRatioEstimator, permute_dims, ratio_accuracy, ratio_loss
 from elbolab.errors import ElbolabError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks train faster on one thread than on two contended ones; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def correlated_gaussian(rho: float, d: int = 3) -> MultivariateNormal:

@@ -22,13 +22,7 @@ SMALL = dict(input_dim=6, latent_dim=3, hidden=(8,))
 QUIET = dict(progress=False, tensorboard=False, figures=False, train_size=300, latent_dim=3, hidden=(32,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks train faster on one thread than on two contended ones; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def factor_vae(**options):

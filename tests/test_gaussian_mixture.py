@@ -22,13 +22,7 @@ from elbolab.errors import ElbolabError
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second OpenMP thread only adds synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 FITTED = ["weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"]
 
 

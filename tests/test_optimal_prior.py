@@ -21,14 +21,7 @@ from elbolab.models import vae_optimal_prior
 from elbolab.models.vae_optimal_prior import OptimalPriorConfig, OptimalPriorVAE
 from elbolab.schedules import StepContext
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks train faster on one thread than on two contended ones; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 MU = torch.tensor([[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]])  # [M, d] posterior means of three "data points"

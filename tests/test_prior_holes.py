@@ -17,13 +17,7 @@ from elbolab.prior_holes import aggregated_posterior, hole_mass, principal_plane
 FAST = dict(hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is faster than two, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def _known_mixture() -> tuple[torch.Tensor, torch.Tensor]:

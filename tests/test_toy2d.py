@@ -15,14 +15,7 @@ from elbolab import pipeline, runs
 from elbolab.evaluate import importance_sampled_log_px
 from elbolab.figures.toy import plot_toy_regions, xor_data, xor_points
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is faster than two, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

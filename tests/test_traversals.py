@@ -12,13 +12,7 @@ from elbolab.figures.traversals import traversal_images, traverse, traverse_run
 from elbolab.models import get_model_class
 from elbolab.models.vae import VAEConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def small_vae(dead_dim=None):
