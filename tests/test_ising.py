@@ -271,6 +271,8 @@ def test_cli_denoise_writes_outputs(tmp_path):
         builtin = runner.invoke(cli_app(), ["denoise", "--sigma", "1", "--size", "24", "--sweeps", "50",
                                             "--out", str(tmp_path / "run2")])
     assert builtin.exit_code == 0, builtin.output
+    line = next(x for x in result.output.splitlines() if x.startswith("for comparison"))
+    assert "meanfield " in line and "gibbs " in line and "icm " not in line  # the two other methods, by name
     for name in ("noisy.png", "denoised.png", "posterior_mean.png", "elbo.png", "result.json"):
         assert (tmp_path / "run" / name).is_file(), name
     summary = json.loads((tmp_path / "run" / "result.json").read_text())

@@ -241,6 +241,10 @@ def denoise_command(
     write_denoise_report(out, clean, noisy, fits, result, spread)
     typer.echo(f"{method}: pixel error {result['error_rate_noisy']:.4f} (noisy) -> "
                f"{result['error_rate_denoised']:.4f} (denoised) after {denoiser.n_sweeps_} sweeps; wrote {out}")
+    others = [f"{name} {error_rate(fitted.predict(), clean):.4f} ({fitted.n_sweeps_} sweeps, {seconds:.1f} s)"
+              for name, (fitted, seconds) in fits.items() if name != method]
+    if others:
+        typer.echo("for comparison, same model and settings: " + ", ".join(others) + f"; see {out / 'index.html'}")
 
 
 def write_curve_report(out: Path, result, line, summary: dict) -> Path:
