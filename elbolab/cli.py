@@ -281,6 +281,12 @@ def _headline(result: dict) -> str:
                  f"nats (s.e. over {c['n_examples']:,} examples)")
     if result.get("log_px_note"):
         line += f"\nnote: {result['log_px_note']}"
+    metrics = {k: v for k, v in (result.get("model_metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metrics:  # the model's own headline numbers: perplexity (nvdm), clustering accuracy (vade), ...
+        line += "\n" + f"{result.get('model', 'model')}: " + ", ".join(
+            f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f"{k.replace('_', ' ')} {v:.4g}"
+            for k, v in metrics.items())
     return line
 
 

@@ -107,6 +107,12 @@ def test_topics_and_neighbours_of_an_nvdm_trained_on_a_sparse_npz(tmp_path, caps
     assert "w1 (" not in rows[0].split(":", 1)[1]  # a word is not its own neighbour
     code, _, err = run(capsys, "neighbours", out, "nosuchword")
     assert code == 2 and "nosuchword" in err
+    code, text, err = run(capsys, "eval", out, "--iw-samples", "3", "--no-progress")
+    assert code == 0, err
+    line = next(x for x in text.splitlines() if x.startswith("nvdm: "))  # the model's own numbers, by name
+    perplexity = float(line.split("perplexity elbo ")[1].split(",")[0])
+    recorded = json.loads((out / "eval.json").read_text())["model_metrics"]["perplexity_elbo"]
+    assert perplexity == pytest.approx(recorded, rel=1e-3) and perplexity > 1.0
 
 
 def test_a_memory_mapped_folder_trains_through_data_path(tmp_path, capsys):
