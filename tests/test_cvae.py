@@ -156,3 +156,15 @@ def test_quadrant_inpainting_trains_and_beats_an_unconditional_pixel_model(tmp_p
     model, _ = runs.load_run(run)
     paths = pipeline.make_figures(run, model=model, splits=splits)
     assert (run / runs.FIGURES / "inpainting.png") in paths and all(p.is_file() for p in paths)
+
+
+def test_quadrant_reconstructions_keep_the_given_pixels():
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(input_dim=D, image_shape=SHAPE, latent_dim=2, hidden=(8,), condition="quadrants",
+                            given_quadrants=1)).eval()
+    x = torch.rand(3, D).round()
+    observed = quadrant_mask(SHAPE, 1)
+    recon = model.reconstruct(Batch(x))
+    assert torch.equal(recon[:, observed], x[:, observed])  # the given quadrant is the input itself
+    z = model.encode(Batch(x)).mean
+    torch.testing.assert_close(recon[:, ~observed], model.decode_mean(z, Batch(x))[:, ~observed])

@@ -189,6 +189,13 @@ class CVAE(LatentVariableModel):
     def decode_mean(self, z: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return self.likelihood_head.mean(self._decoder_out(z, batch))
 
+    @torch.no_grad()
+    def reconstruct(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        """E[x|z, c] at z = E[q(z|x, c)]; with quadrants, the observed pixels pasted back (given, never modelled)."""
+        batch = as_batch(batch)
+        mean = super().reconstruct(batch)  # [B, D]
+        return torch.where(self.observed(batch), batch.x, mean) if self.config.condition == "quadrants" else mean
+
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         q = self.encode(batch)  # batch [B], event [d]
         z = q.rsample((ctx.mc_samples,))  # [L, B, d]
