@@ -52,7 +52,7 @@ class _Trouble(VAE):
         self.calls += 1
         if self.calls == type(self).at:
             if self.kind == "sigint":
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # to this thread: handled now, not when another thread runs
             elif self.kind == "crash":
                 raise RuntimeError("simulated crash")
             elif self.kind == "nan-loss":
