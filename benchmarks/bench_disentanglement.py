@@ -28,7 +28,6 @@ One process per model family, in the background with one thread each (about 10 m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -46,15 +45,16 @@ SETTING = {"beta-vae": "beta", "factor-vae": "gamma"}
 
 def reduced_splits(train_size: int, val_size: int, seed: int):
     """The sprites splits cut to the first ``train_size`` training rows (a uniform sample: the training split is
-    shuffled) and 2,000 random test rows, copied so that the rest is freed."""
+    shuffled; drawn per batch) and 2,000 random test rows, drawn once."""
     from elbolab.data import load_data
+    from elbolab.data.core import TensorData
 
     splits = load_data("sprites", seed=seed, val_size=val_size)
-    head = splits.train.head(train_size)
-    train = dataclasses.replace(head, x=head.x.clone(), y=head.y.clone(), source_index=head.source_index.clone())
-    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))[:2000]  # test rows are
-    test = dataclasses.replace(splits.test, x=splits.test.x[pick], y=splits.test.y[pick],  # sorted by factor:
-                               source_index=splits.test.source_index[pick])  # a random 2,000, not the first
+    train = splits.train.head(train_size)
+    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))[:2000]
+    test = splits.test
+    test = TensorData(x=test.x[pick], y=test.y[pick], image_shape=test.image_shape, binarize=test.binarize,
+                      name=test.name, source_index=test.source_index[pick], meta=test.meta)  # [2000, 4096] bool
     return train, splits.val, test
 
 
