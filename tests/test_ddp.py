@@ -81,6 +81,9 @@ SCRIPT = textwrap.dedent("""
 
     pipeline.train("ddp-two-groups", sys.argv[1], out=sys.argv[2], epochs=2, batch_size=32, hidden=(8,),
                    latent_dim=2, likelihood="gaussian", progress=False, tensorboard=False, figures=False)
+    import os
+    sys.stdout.flush()
+    os._exit(0)  # as the CLI does under torchrun: skip a teardown that gloo's threads can abort (README, DDP)
 """)
 
 
