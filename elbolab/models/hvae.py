@@ -20,7 +20,7 @@ log p(x) by importance sampling over k joint draws z^(k) ~ q(z|x) (Burda et al. 
 Config: ``latent_dims`` (bottom first; IWAE paper 100,50), ``hidden`` (one MLP width per stochastic layer, the
 block under it, or one width for all; IWAE paper 200,100), ``depth`` deterministic layers per block (2; 0 gives
 linear-Gaussian layers), ``batch_norm``. ``latent_dim`` is the size of the joint z, sum(latent_dims): it is derived
-when left at the base default 20 (which the CLI always sends), and any other value must equal the sum.
+when left at the base default 20, and any other value must equal the sum.
 Diagnostics per layer: ``latent_means`` (the mean pass: each layer's q-mean with its parents at their q-means) and
 ``kl_terms`` ({"z1": [B, d_1], ...}, one joint draw), so the evaluator counts active units per layer.
 """
