@@ -170,7 +170,7 @@ def explorer_html(model, data=None, *, max_points: int = MAX_POINTS,
     spec.update(points=_b64(points), n_points=len(points), labels=labels, anchor=anchor,
                 low=[float(v) for v in np.broadcast_to(low - pad, (d,))],
                 high=[float(v) for v in np.broadcast_to(high + pad, (d,))],
-                dims=order[:2] if d >= 2 else [0, -1], display=list(display))
+                dims=sorted(order[:2]) if d >= 2 else [0, -1], display=list(display))  # lower index across
     payload = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
     n_params = f"{spec['n_params']:,}"
     about = ("Move the pointer over the plane (or drag on a touch screen): the picture is the decoder's mean "

@@ -163,3 +163,16 @@ def test_report_notes_a_decoder_above_the_size_limit(tiny_run, tmp_path, monkeyp
     page = write_report(tiny_run).read_text(encoding="utf-8")
     assert "No interactive explorer for this run" in page and "more than the 10 the page embeds" in page
     assert 'id="explorer-plane"' not in page
+
+
+def test_the_plane_shows_the_two_widest_dimensions_lower_index_across():
+    """The plane spans the two latent dimensions whose encoded points spread most, the lower index on the
+    horizontal axis (as in the manifold and scatter figures)."""
+    from elbolab.data.core import TensorData
+
+    model = make_model("relu", "bernoulli", latent_dim=4)
+    x = torch.rand(200, D, generator=torch.Generator().manual_seed(2)).round()
+    means = model.latent_means(x)["z"].detach()
+    widest = sorted(int(i) for i in means.std(0).argsort(descending=True)[:2])
+    spec, _ = page_parts(explorer_html(model, TensorData(x, None, SHAPE, "none", "toy/test")))
+    assert spec["dims"] == widest
