@@ -7,7 +7,9 @@ Two pieces of work, each run eager and compiled in the same process, on the same
          AOTAutograd's compiled backward graph. ``--compiled-autograd`` adds a row with
          ``torch._dynamo.config.compiled_autograd`` (the backward traced again at run time).
   eval   the evaluator's inner block, ``model.importance_samples(x, k_chunk)[1]`` under no_grad for one example and
-         the chunk ``plan_chunks`` picks at K = 5000 (2500 samples: a [2500, 1, 784] decoder block).
+         the chunk ``plan_chunks`` picks at K = 5000 (2500 samples: a [2500, 1, 784] decoder block); and end to end,
+         ``importance_sampled_log_px`` on --eval-images images at K = 5000, eager and with ``compile=True`` (what
+         ``elbolab eval --compile`` runs), compile time included.
 
 Reported: compile time (first call(s) minus a steady call), steady-state ms per call (median over interleaved
 rounds, order rotated), speed-up eager / compiled, and agreement with eager: the max abs difference of the loss, of
@@ -172,6 +174,25 @@ def measure(args) -> list[str]:
                      f"{min(ev[name]) * 1e3:.2f}-{max(ev[name]) * 1e3:.2f}", common.ratio(med["eager"], med[name]),
                      common.fmt(K_CHUNK / med[name]) + " samples/s"])
 
+    # ----- the evaluator end to end: elbolab eval's estimate, eager vs --compile (compile time included) -----
+    from elbolab.evaluate import importance_sampled_log_px
+
+    torch._dynamo.reset()
+    images = Batch(x[:args.eval_images], index=torch.arange(args.eval_images))
+    end_to_end = {}
+    for name, compiled in (("eager", False), ("--compile", True)):
+        torch.manual_seed(7)
+        start = time.perf_counter()
+        estimate = importance_sampled_log_px(model, images, k=5000, compile=compiled)
+        end_to_end[name] = (time.perf_counter() - start, estimate)
+    for name, (seconds, _) in end_to_end.items():
+        rows.append([f"importance_sampled_log_px, {args.eval_images} images, K = 5000 ({name}, compile included)",
+                     "-", f"{seconds * 1e3:.0f}", "-", common.ratio(end_to_end["eager"][0], seconds),
+                     common.fmt(args.eval_images / seconds) + " images/s"])
+    gap = float((end_to_end["eager"][1].per_example - end_to_end["--compile"][1].per_example).abs().max())
+    notes.append(f"end to end (one run each, same seed): log p(x) {end_to_end['eager'][1].mean:.4f} eager, "
+                 f"{end_to_end['--compile'][1].mean:.4f} compiled; max per-image gap {gap:.1e} nats")
+
     # ----- agreement with eager (same draws: fallback_random) -----
     inductor_config.fallback_random = True
     eager_m, comp_m = copy.deepcopy(base), copy.deepcopy(base)
@@ -236,6 +257,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="train steps per round and contender")
     p.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
     p.add_argument("--compiled-autograd", action="store_true")
+    p.add_argument("--eval-images", type=int, default=200, help="images of the end-to-end evaluation (K = 5000)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     try:

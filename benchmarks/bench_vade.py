@@ -86,7 +86,7 @@ def run_seed(args, seed: int) -> dict:
     print(f"seed {seed}: GMM on pixels done in {times['GMM (pixels)']:.0f} s", flush=True)
 
     for name, model_name, epochs in (("AE + GMM", "autoencoder", args.pretrain_epochs),
-                                     ("VAE + GMM", "vae", args.epochs)):
+                                     ("VAE + GMM", "vae", args.vae_epochs or args.epochs)):
         t0 = time.perf_counter()
         run = pipeline.train(model_name, "mnist", out=work / model_name, epochs=epochs, lr=args.lr,
                              batch_size=args.batch_size, **common_opts)
@@ -96,6 +96,10 @@ def run_seed(args, seed: int) -> dict:
             z_test = torch.cat([model.latent_means(x_test[i:i + 1000])["z"] for i in range(0, len(x_test), 1000)])
         gmm = fit_gmm(z_train.double().numpy(), seed, args.latent_covariance, args.gmm_n_init)
         out[name] = scores(y_train, gmm.predict(z_train.double().numpy()), y_test, gmm.predict(z_test.double().numpy()))
+        if args.latent_covariance != "full":  # the same codes under a full-covariance GMM, for comparison
+            gmm = fit_gmm(z_train.double().numpy(), seed, "full", args.gmm_n_init)
+            out[f"{name}, full covariances"] = scores(y_train, gmm.predict(z_train.double().numpy()), y_test,
+                                                      gmm.predict(z_test.double().numpy()))
         times[name] = time.perf_counter() - t0
         print(f"seed {seed}: {name} done in {times[name]:.0f} s", flush=True)
 
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=None, help="training images (default: all 59k)")
     parser.add_argument("--val-size", type=int, default=1000, help="held out from training (logged only)")
     parser.add_argument("--epochs", type=int, default=300, help="VaDE and VAE epochs")
+    parser.add_argument("--vae-epochs", type=int, default=None, help="VAE (+ GMM) epochs (default: --epochs)")
     parser.add_argument("--pretrain-epochs", type=int, default=50, help="autoencoder epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="AE and VAE learning rate")
     parser.add_argument("--batch-size", type=int, default=256, help="AE and VAE batch size")
@@ -126,7 +131,18 @@ def main() -> None:
     parser.add_argument("--gmm-n-init", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="append the markdown here too")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="WORKDIR",
+                        help="no training: the table from the results.json of these workdirs (seeds run in "
+                             "parallel processes, one --workdir each), with the budget given by the other options")
     args = parser.parse_args()
+    if args.merge:
+        results, wall = {}, 0.0
+        for workdir in args.merge:
+            saved = json.loads((Path(workdir) / "results.json").read_text())
+            results.update({int(seed): r for seed, r in saved.items()})
+            wall = max(wall, float(json.loads((Path(workdir) / "wall.json").read_text())["seconds"]))
+        report(args, common.machine_info(), dict(sorted(results.items())), wall, parallel=len(args.merge))
+        return
     if not (Path(args.data_dir) / "train-images-idx3-ubyte.gz").exists() and not (
             Path(args.data_dir) / "mnist" / "train-images-idx3-ubyte.gz").exists():
         print(f"skipped: no MNIST under {args.data_dir} (give --data-dir)")
@@ -138,21 +154,34 @@ def main() -> None:
     wall = time.perf_counter() - started
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     (Path(args.workdir) / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    (Path(args.workdir) / "wall.json").write_text(json.dumps({"seconds": wall}))
+    report(args, info, results, wall)
 
-    budget = (f"train images {args.train_size or 'all'}, VaDE/VAE epochs {args.epochs}, AE epochs "
-              f"{args.pretrain_epochs}, seeds {args.seeds}, lr schedule {lr_schedule() or 'constant 2e-3'}")
+
+def report(args, info: dict, results: dict, wall: float, parallel: int = 1) -> None:
+    budget = (f"train images {args.train_size or 'all'}, VaDE epochs {args.epochs}, VAE epochs "
+              f"{args.vae_epochs or args.epochs}, AE epochs {args.pretrain_epochs}, seeds {sorted(results)}, VaDE lr "
+              f"schedule {lr_schedule() or 'constant 2e-3'}; GMMs: {args.gmm_n_init} EM restart(s), "
+              f"{args.latent_covariance} covariances on codes")
     lines = common.header_lines("Clustering MNIST (VaDE, Jiang et al. 2017)", info,
-                                {"budget": budget, "wall time": f"{wall / 60:.1f} min"})
+                                {"budget": budget, "wall time": f"{wall / 60:.1f} min" + (
+                                    f" ({parallel} processes side by side, one thread each)" if parallel > 1 else "")})
     rows = []
-    for method, paper in PAPER.items():
+    methods = dict(PAPER)
+    for extra in ("AE + GMM, full covariances", "VAE + GMM, full covariances"):
+        if all(extra in r["scores"] for r in results.values()):
+            methods[extra] = None
+    for method, paper in methods.items():
         def cell(split, key, method=method):
             values = [100 * r["scores"][method][split][key] for r in results.values()]
             med = statistics.median(values)
             return f"{med:.2f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
 
-        secs = statistics.median(r["seconds"][method] for r in results.values())
+        timed = method.split(",")[0]  # the full-covariance rows reuse their method's training
+        secs = statistics.median(r["seconds"][timed] for r in results.values())
         rows.append([method, cell("train", "accuracy"), cell("test", "accuracy"), cell("train+test", "accuracy"),
-                     cell("train+test", "nmi"), cell("train+test", "ari"), f"{paper:.2f}", f"{secs:.0f}"])
+                     cell("train+test", "nmi"), cell("train+test", "ari"),
+                     "-" if paper is None else f"{paper:.2f}", f"{secs:.0f}"])
     lines += common.markdown_table(["method", "acc train %", "acc test %", "acc train+test %", "NMI train+test %",
                                     "ARI train+test %", "paper acc %", "seconds"], rows)
     lines.append("")

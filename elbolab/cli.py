@@ -306,6 +306,8 @@ def eval_command(
     precision: str = typer.Option("fp32", help="fp32 | bf16 (matrix products in bfloat16; log-sum-exp in float64)"),
     disentanglement: bool = typer.Option(False, "--disentanglement", help="also the beta-VAE, FactorVAE and MIG "
                                          "metrics (a run on --data sprites or dsprites; about a minute)"),
+    compile: bool = typer.Option(False, "--compile", help="importance sampling through torch.compile: seconds to "
+                                 "compile, then about 1.8x faster (worth it from about a minute of evaluation)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Importance-sampled log p(x) with its Monte-Carlo s.e., ELBO, active units. Every evaluation is kept in
@@ -314,8 +316,12 @@ def eval_command(
 
     result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
                                data_dir=data_dir, seed=seed, progress=progress, compare=compare, weights=weights,
-                               device=device, limit=limit, precision=precision, disentanglement=disentanglement)
+                               device=device, limit=limit, precision=precision, disentanglement=disentanglement,
+                               compile=compile)
     typer.echo(f"weights: {result['weights']}")
+    if compile:
+        typer.echo("compiled: yes (torch.compile)" if result.get("compiled") else
+                   f"compiled: no, torch.compile failed ({result.get('compile_fallback')}); evaluated eagerly")
     typer.echo(_headline(result))
     if "disentanglement" in result:
         scores = result["disentanglement"]

@@ -17,7 +17,9 @@ Latent diagnostics: active units (Burda et al. 2016 s5.2) and the KL(q(z_j|x) ||
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +64,7 @@ class LogLikelihoodEstimate:
     k: int
     n_examples: int
     per_example: torch.Tensor  # [N] float64
+    compile_fallback: str | None = None  # why torch.compile was not used after all (asked for, but failed)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no per-example values); nan becomes None."""
@@ -217,21 +220,61 @@ def _no_likelihood_error(model: nn.Module, cause: Exception) -> ElbolabError:
     )
 
 
+_compile = torch.compile  # indirection so the tests can simulate a machine where compiling fails
+
+
+class CompiledLogWeights:
+    """``model.importance_samples(b, kc)[1]`` through torch.compile (inductor), falling back to eager with a warning
+    when compiling or running the compiled code fails (no C++ compiler, an unsupported torch build, ...);
+    ``fallback`` then holds the reason.
+
+    One static graph per (batch size, chunk) shape: an evaluation compiles once or twice (its last batch may be
+    smaller), seconds each; the block then runs faster (BENCHMARKS.md, "Compiled kernels"). Inductor draws its own
+    random numbers, so a compiled estimate differs from the eager one by Monte-Carlo noise only (with inductor's
+    ``fallback_random`` the draws, and the estimates, are the same).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.fallback: str | None = None
+        self._compiled = _compile(self._eager, dynamic=False)
+
+    def _eager(self, b, kc):
+        return self.model.importance_samples(b, kc)[1]
+
+    def __call__(self, b, kc):
+        if self.fallback is None:
+            try:
+                return self._compiled(b, kc)
+            except Exception as error:  # noqa: BLE001 - any failure of the compiler means: evaluate eagerly
+                self.fallback = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+                warnings.warn(f"--compile: torch.compile failed ({self.fallback}); evaluating without it (same "
+                              "estimator, eager speed)", stacklevel=2)
+        return self._eager(b, kc)
+
+
 def importance_sampled_log_px(model: nn.Module, data, *, k: int = 5000, batch_size: int | None = None,
-                              chunk_size: int | None = None, progress: bool = False) -> LogLikelihoodEstimate:
+                              chunk_size: int | None = None, progress: bool = False,
+                              compile: bool = False) -> LogLikelihoodEstimate:
     """log p(x) ~= log 1/K sum_k p(x, z_k)/q(z_k|x), z_k ~ q(z|x), per example; uses ``model.importance_samples``.
 
     ``data`` is a Batch (or a tensor [N, D]). ``batch_size`` examples and ``chunk_size`` samples are processed at
     a time (chosen from ``BLOCK_BYTES`` when None); the result does not depend on them except through the draws.
+    ``compile``: the block of log weights through torch.compile (:class:`CompiledLogWeights`); the estimate's
+    ``compile_fallback`` says why the compiled code did not run, if it did not.
     """
     batch = _check_inputs(model, data, k, batch_size, chunk_size)
+    log_weights = CompiledLogWeights(model) if compile else (lambda b, kc: model.importance_samples(b, kc)[1])
     try:
-        log_mean, ess = _chunked_log_mean_exp(model, batch, lambda b, kc: model.importance_samples(b, kc)[1], k=k,
+        log_mean, ess = _chunked_log_mean_exp(model, batch, log_weights, k=k,
                                               batch_size=batch_size, chunk_size=chunk_size, progress=progress,
                                               desc="log p(x) (IS)")
     except NotImplementedError as err:
         raise _no_likelihood_error(model, err) from None
-    return _summary(log_mean, ess, k)
+    estimate = _summary(log_mean, ess, k)
+    if isinstance(log_weights, CompiledLogWeights) and log_weights.fallback is not None:
+        estimate = dataclasses.replace(estimate, compile_fallback=log_weights.fallback)
+    return estimate
 
 
 def importance_diagnostics(model: nn.Module, data, *, k: int, n_examples: int = 500, seed: int = 0,
@@ -394,9 +437,10 @@ def _density_note(model: nn.Module, x: torch.Tensor) -> str | None:
 
 def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None = None, seed: int = 0,
                    progress: bool = False, batch_size: int = 1000, return_per_example: bool = False,
-                   precision: str = "fp32"):
+                   precision: str = "fp32", compile: bool = False):
     """Everything ``elbolab eval`` reports, as a JSON-ready dict; with ``return_per_example`` also the per-example
-    log p(x) estimates ``[N]`` (for paired comparisons), as ``(dict, tensor)``.
+    log p(x) estimates ``[N]`` (for paired comparisons), as ``(dict, tensor)``. ``compile``: the importance
+    sampling through torch.compile (see :class:`CompiledLogWeights`).
 
     ``precision`` "bf16" runs the networks' matrix products in bfloat16 (see ``elbolab.precision``); the
     log-likelihoods, log q and the KL stay float32 and the log-sum-exp over samples float64.
@@ -425,7 +469,7 @@ def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None
     check_precision(precision, device)
     with torch.random.fork_rng(devices=[]), autocast(precision, device):
         torch.manual_seed(seed)
-        estimate = importance_sampled_log_px(model, batch, k=k, progress=progress)
+        estimate = importance_sampled_log_px(model, batch, k=k, progress=progress, compile=compile)
         result: dict = {"log_px": estimate.to_dict()}
         if naive_k:
             result["log_px_naive"] = naive_log_px(model, batch, k=naive_k, progress=progress).to_dict()
@@ -456,4 +500,7 @@ def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None
     result["n_examples"] = n
     result["seed"] = seed
     result["precision"] = precision
+    result["compiled"] = compile and estimate.compile_fallback is None
+    if compile and estimate.compile_fallback is not None:
+        result["compile_fallback"] = estimate.compile_fallback
     return (result, estimate.per_example) if return_per_example else result

@@ -202,7 +202,7 @@ def _training_summary(model, val, history: list[dict], out: Path, seconds: float
 def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None = None, data_dir=None,
              seed: int = 0, progress: bool = False, compare=None, weights: str = "last", device: str = "cpu",
              limit: int | None = None, refresh_report: bool = True, precision: str = "fp32",
-             disentanglement: bool = False) -> dict:
+             disentanglement: bool = False, compile: bool = False) -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics. Every evaluation is kept: a new file in RUN_DIR/evaluations (see ``runs.save_evaluation``; its path is
     returned under ``"saved_to"``), eval.json is the latest, and the report is refreshed. ``limit``: only the first N
@@ -210,7 +210,8 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     the same examples with the same settings, reported as the paired difference of log p(x) (this run minus the
     other). ``weights``: "last" (the end of training) or "best" (the best validation ELBO, with --keep-best);
     ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``);
-    ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data)."""
+    ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data);
+    ``compile``: importance sampling through torch.compile (faster for long runs; ``evaluate.CompiledLogWeights``)."""
     from elbolab.evaluate import evaluate_model, importance_diagnostics, paired_difference
 
     if split not in ("test", "train", "val"):
@@ -234,7 +235,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
         data = data.head(min(limit, len(data)))
     evaluated_at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
     result, mine = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
-                                  return_per_example=True, precision=precision)
+                                  return_per_example=True, precision=precision, compile=compile)
     if compare is not None:
         other, other_config = runs.load_run(compare)
         other.to(target)
@@ -246,7 +247,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
                 f"{ {key: config['data'].get(key) for key in keys} }); a paired comparison needs the same examples"
             )
         _, theirs = evaluate_model(other, data, k=k, seed=seed, progress=progress, return_per_example=True,
-                                   precision=precision)
+                                   precision=precision, compile=compile)
         result["compare"] = {"other_run": str(compare), **paired_difference(mine, theirs)}
     epoch = runs.read_json(Path(run_dir) / runs.MANIFEST).get("summary", {}).get(
         "best_epoch" if weights == "best" else "last_epoch") if (Path(run_dir) / runs.MANIFEST).is_file() else None

@@ -426,3 +426,41 @@ def test_vae_loss_gradient_is_the_reparameterised_gradient_of_the_closed_form_el
     mean, se = estimates.mean(0), estimates.std(0) / math.sqrt(len(estimates))
     assert exact.abs().max() > 0.1  # the target is not trivially zero
     assert ((mean - exact).abs() <= 5 * se + 1e-4).all(), float(((mean - exact).abs() / (se + 1e-12)).max())
+
+
+def test_compiled_importance_sampling_matches_eager_and_the_exact_log_px(ppca, data, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # inductor draws what eager draws
+    model = perturbed(ppca)
+    torch.manual_seed(5)
+    eager = importance_sampled_log_px(model, data, k=2000, batch_size=64)
+    torch.manual_seed(5)
+    compiled = importance_sampled_log_px(model, data, k=2000, batch_size=64, compile=True)  # a batch of 8 at the end
+    assert compiled.compile_fallback is None
+    assert torch.allclose(compiled.per_example, eager.per_example, atol=1e-4, rtol=0)
+    diff = compiled.per_example - ppca.log_px(data)  # Monte-Carlo error only
+    assert abs(float(diff.mean())) < 4 * float(diff.std() / math.sqrt(len(diff))) + 1e-3
+
+
+def test_compile_failure_falls_back_to_the_eager_estimate(ppca, data, monkeypatch):
+    import elbolab.evaluate as evaluate
+
+    def broken_compile(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(evaluate, "_compile", broken_compile)
+    model = perturbed(ppca)
+    torch.manual_seed(6)
+    eager = importance_sampled_log_px(model, data, k=50)
+    torch.manual_seed(6)
+    with pytest.warns(UserWarning, match="torch.compile failed .*InvalidCxxCompiler.*evaluating without it"):
+        fallen = importance_sampled_log_px(model, data, k=50, compile=True)
+    assert torch.equal(fallen.per_example, eager.per_example)
+    assert "InvalidCxxCompiler" in fallen.compile_fallback
+    with pytest.warns(UserWarning):
+        result = evaluate_model(model, ArrayData(data), k=5, seed=3, compile=True)
+    assert result["compiled"] is False and "InvalidCxxCompiler" in result["compile_fallback"]
+    assert evaluate_model(model, ArrayData(data), k=5, seed=3)["compiled"] is False

