@@ -311,10 +311,10 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
     """:func:`sweep` for full / tied covariances, chunk by chunk with preallocated buffers.
 
     Per chunk of c rows: one GEMM whitens them under all K components ([c, D + 1] x [D + 1, K (D + 1)]); the
-    E-step works on the [c, K] distances; then one batched GEMM gathers ``sum_n r [y, 1][y, 1]^T`` per component
-    from ``sqrt(r) [y, 1]``, read through strided views (no copy). The GEMMs run in the data's dtype (float32:
-    single-precision speed); each chunk's sums are added into float64 accumulators, so the rounding of a float32
-    run does not grow with N.
+    E-step works on the [c, K] distances; then two batched GEMMs gather ``sum_n r [y, 1][y, 1]^T`` per component
+    from ``sqrt(r) [y, 1]`` (its upper rows and lower-right block: it is symmetric), read through strided views.
+    The GEMMs run in the data's dtype (float32: single-precision speed); each chunk's sums are added into float64
+    accumulators, so the rounding of a float32 run does not grow with N.
     """
     K, D, n = comps.K, comps.D, X.shape[0]
     acc = dict(dtype=torch.float64, device=X.device)
@@ -323,7 +323,13 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
     rows = min(n, chunk_rows(K, D + 1))
     rows_aug = torch.ones(rows, D + 1, dtype=X.dtype, device=X.device)  # [c, D + 1], last column stays 1
     whitened = torch.empty(rows, K * (D + 1), dtype=X.dtype, device=X.device)
-    chunk_sums = None if X.dtype == torch.float64 else torch.empty(K, D + 1, D + 1, dtype=X.dtype, device=X.device)
+    # The scatter is symmetric: per chunk, the first h rows of it (all columns) and the lower-right block, 3/4 of
+    # the products of a full [D + 1, D + 1] one; the lower-left block is the transpose, filled in after the loop.
+    h = (D + 1) // 2
+    top, bottom = sums[:, :h, :], sums[:, h:, h:]  # views of the float64 accumulators
+    if X.dtype != torch.float64:
+        top_chunk = torch.empty(K, h, D + 1, dtype=X.dtype, device=X.device)
+        bottom_chunk = torch.empty(K, D + 1 - h, D + 1 - h, dtype=X.dtype, device=X.device)
     if log_const is not None:
         log_const = log_const + 0.5  # [K]; |[y, 1]|^2 carries an extra 1
     for start in range(0, n, rows):
@@ -344,10 +350,13 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
         nk += r.sum(0, dtype=torch.float64)
         root_y = y.mul_(r.sqrt().unsqueeze(-1))  # sum r [y,1][y,1]^T = (sqrt(r) [y,1])^T (sqrt(r) [y,1])
         left, right = root_y.permute(1, 2, 0), root_y.permute(1, 0, 2)  # [K, D + 1, c], [K, c, D + 1]
-        if chunk_sums is None:
-            sums.baddbmm_(left, right)
+        if X.dtype == torch.float64:
+            top.baddbmm_(left[:, :h], right)
+            bottom.baddbmm_(left[:, h:], right[:, :, h:])
         else:
-            sums += torch.bmm(left, right, out=chunk_sums)
+            top += torch.bmm(left[:, :h], right, out=top_chunk)  # [K, h, D + 1]
+            bottom += torch.bmm(left[:, h:], right[:, :, h:], out=bottom_chunk)  # [K, D + 1 - h, D + 1 - h]
+    sums[:, h:, :h] = sums[:, :h, h:].mT
     return SweepStats(log_norm, r_log_r, nk, sums[:, :D, D], sums[:, :D, :D])
 
 
