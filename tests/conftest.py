@@ -26,3 +26,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def compile_fails(monkeypatch):
+    """``elbolab.evaluate`` on a machine where torch.compile fails: the compiled function raises on its first call,
+    as inductor does without a working C++ compiler. The message the error carries is returned."""
+    import elbolab.evaluate as evaluate
+
+    message = "InvalidCxxCompiler: no working C++ compiler found"
+
+    def broken_compile(fn, **options):
+        def compiled(*args):
+            raise RuntimeError(message)
+        return compiled
+
+    monkeypatch.setattr(evaluate, "_compile", broken_compile)
+    return message
