@@ -414,7 +414,7 @@ def neighbours_command(
 
 @app.command("report")
 def report_command(run_dir: Path = typer.Argument(...)):
-    """Rebuild RUN_DIR/index.html from what the run folder holds."""
+    """Redraw the run's figures and rebuild RUN_DIR/index.html from what the run folder holds."""
     from elbolab import pipeline, runs
 
     if not (Path(run_dir) / runs.CONFIG).exists():
