@@ -110,11 +110,13 @@ def digits():
     return load_data("digits", seed=0).with_train_size(400)
 
 
-def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits):
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits, covariance):
     from elbolab.classical import GaussianMixture
 
     torch.manual_seed(0)
-    model = get_model_class("vade")(VaDEConfig(input_dim=64, latent_dim=3, hidden=(16,), n_clusters=5))
+    model = get_model_class("vade")(VaDEConfig(input_dim=64, latent_dim=3, hidden=(16,), n_clusters=5,
+                                               gmm_covariance=covariance))
     train = digits.train
     torch.manual_seed(11)
     state = torch.get_rng_state()
@@ -123,11 +125,11 @@ def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits):
     seed = int(torch.randint(2**31 - 1, ()))  # the EM seed prepare drew
     with torch.no_grad():
         means = model.encode(train.batch(torch.arange(len(train))).x).mean.double().numpy()  # all at once
-    gmm = GaussianMixture(5, covariance_type="diag", max_iter=200, random_state=seed).fit(means)
+    gmm = GaussianMixture(5, covariance_type=covariance, max_iter=200, random_state=seed).fit(means)
+    variances = gmm.covariances_ if covariance == "diag" else np.stack([np.diag(c) for c in gmm.covariances_])
     prior = model.prior()
     np.testing.assert_allclose(prior.component_distribution.mean.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(prior.component_distribution.variance.detach().numpy(), gmm.covariances_,
-                               rtol=1e-4)
+    np.testing.assert_allclose(prior.component_distribution.variance.detach().numpy(), variances, rtol=1e-4)
     np.testing.assert_allclose(prior.mixture_distribution.probs.detach().numpy(), gmm.weights_, rtol=1e-4)
     # and not on another set of codes: the prior means lie inside the cloud of encoder means
     assert np.abs(gmm.means_).max() <= np.abs(means).max()
@@ -190,6 +192,7 @@ def test_sample_per_cluster_draws_row_c_from_component_c():
     (dict(n_clusters=1), "n_clusters >= 2"),
     (dict(encoder_covariance="full"), "encoder_covariance diag"),
     (dict(gmm_n_init=0), "gmm_n_init >= 1"),
+    (dict(gmm_covariance="tied"), "gmm_covariance diag or full"),
     (dict(n_clusters=2.5), "n_clusters as int"),
 ])
 def test_bad_config_is_refused_clearly(options, message):

@@ -42,6 +42,8 @@ class VaDEConfig(ModelConfig):
     gmm_init: bool = option(True, "fit the prior by EM on the encoder means before the first epoch")
     gmm_n_init: int = option(1, "EM restarts of that fit (the best log-likelihood is kept)")
     gmm_max_iter: int = option(200, "EM iterations per restart")
+    gmm_covariance: str = option("diag", "covariances of that EM fit: diag, or full (its clusters; the prior takes "
+                                 "each covariance's diagonal and stays diagonal)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +54,7 @@ class VaDEConfig(ModelConfig):
              self.encoder_covariance),
             (self.gmm_n_init >= 1, "gmm_n_init >= 1", self.gmm_n_init),
             (self.gmm_max_iter >= 1, "gmm_max_iter >= 1", self.gmm_max_iter),
+            (self.gmm_covariance in ("diag", "full"), "gmm_covariance diag or full", self.gmm_covariance),
         ]
         for ok, expected, got in checks:
             if not ok:
@@ -131,8 +134,9 @@ class VaDE(LatentVariableModel):
         return self._over_split(data, lambda b: self.cluster_log_probs(b).argmax(-1))
 
     def prepare(self, train, ctx: StepContext) -> None:
-        """Fit the prior by EM (diagonal covariances) on the encoder means of the training split. The EM seed is
-        drawn from torch's generator (seeded by the trainer): deterministic, and different per training seed."""
+        """Fit the prior by EM on the encoder means of the training split (diagonal covariances, or full ones whose
+        diagonals the prior keeps). The EM seed is drawn from torch's generator (seeded by the trainer):
+        deterministic, and different per training seed."""
         if not self.config.gmm_init:
             return
         from elbolab.classical import GaussianMixture
@@ -142,9 +146,12 @@ class VaDE(LatentVariableModel):
             raise ElbolabError(f"vade: expected at least n_clusters={self.config.n_clusters} training examples to "
                                f"initialise the prior, got {len(means)}; use more data or fewer clusters")
         seed = int(torch.randint(2**31 - 1, ()))
-        gmm = GaussianMixture(self.config.n_clusters, covariance_type="diag", n_init=self.config.gmm_n_init,
+        covariance = self.config.gmm_covariance
+        gmm = GaussianMixture(self.config.n_clusters, covariance_type=covariance, n_init=self.config.gmm_n_init,
                               max_iter=self.config.gmm_max_iter, random_state=seed).fit(means)
-        self.set_prior(gmm.weights_, gmm.means_, gmm.covariances_)
+        # full: the clusters of a full-covariance fit, and per cluster the variance of each dimension (its diagonal)
+        variances = gmm.covariances_ if covariance == "diag" else gmm.covariances_.diagonal(axis1=1, axis2=2)
+        self.set_prior(gmm.weights_, gmm.means_, variances)
 
     @torch.no_grad()
     def set_prior(self, weights, means, variances) -> None:
