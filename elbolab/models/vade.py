@@ -150,7 +150,7 @@ class VaDE(LatentVariableModel):
         gmm = GaussianMixture(self.config.n_clusters, covariance_type=covariance, n_init=self.config.gmm_n_init,
                               max_iter=self.config.gmm_max_iter, random_state=seed).fit(means)
         # full: the clusters of a full-covariance fit, and per cluster the variance of each dimension (its diagonal)
-        variances = gmm.covariances_ if covariance == "diag" else gmm.covariances_.diagonal(axis1=1, axis2=2)
+        variances = gmm.covariances_ if covariance == "diag" else gmm.covariances_.diagonal(axis1=1, axis2=2).copy()
         self.set_prior(gmm.weights_, gmm.means_, variances)
 
     @torch.no_grad()
