@@ -429,15 +429,16 @@ def test_vae_loss_gradient_is_the_reparameterised_gradient_of_the_closed_form_el
     assert ((mean - exact).abs() <= 5 * se + 1e-4).all(), float(((mean - exact).abs() / (se + 1e-12)).max())
 
 
-def test_compiled_importance_sampling_matches_eager_and_the_exact_log_px(ppca, data, monkeypatch):
+def test_compiled_importance_sampling_matches_eager_and_the_exact_log_px(ppca, data):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # inductor draws what eager draws
     model = perturbed(ppca)
     torch.manual_seed(5)
     eager = importance_sampled_log_px(model, data, k=2000, batch_size=64)
     torch.manual_seed(5)
-    with warnings.catch_warnings():
+    # inductor draws what eager draws; config.patch, not monkeypatch: undoing a monkeypatch deletes the option from
+    # torch's config module, and every later compilation in the process fails
+    with warnings.catch_warnings(), inductor_config.patch(fallback_random=True):
         warnings.simplefilter("ignore", UserWarning)  # a machine without a C++ compiler: checked below instead
         compiled = importance_sampled_log_px(model, data, k=2000, batch_size=64, compile=True)  # last batch: 8
     assert torch.allclose(compiled.per_example, eager.per_example, atol=1e-4, rtol=0)
