@@ -140,21 +140,57 @@ def precision_weighted_merge(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torc
 
 
 class MixturePrior(nn.Module):
-    """A learnable Gaussian-mixture prior p(z) = sum_c pi_c N(z; mu_c, diag sigma_c^2), as a MixtureSameFamily.
+    """A learnable Gaussian-mixture prior p(z) = sum_c pi_c N(z; mu_c, Sigma_c), as a MixtureSameFamily.
 
-    For VaDE (Jiang et al. 2017) and other mixture priors; the parameters are free (logits, means, log-variances).
+    For VaDE (Jiang et al. 2017) and other mixture priors; the parameters are free. ``covariance="diag"``:
+    Sigma_c = diag(exp(log_var_c)), the components ``Independent(Normal)``. ``covariance="full"``: Sigma_c = L_c L_c^T
+    with L_c lower triangular, diagonal exp(log_var_c / 2) and free entries below it (``lower``), the components a
+    ``MultivariateNormal``; it starts as the diagonal one.
     """
 
-    def __init__(self, n_components: int, latent_dim: int, spread: float = 1.0):
+    def __init__(self, n_components: int, latent_dim: int, spread: float = 1.0, covariance: str = "diag"):
         super().__init__()
         if n_components < 1 or latent_dim < 1:
             raise ElbolabError(f"expected n_components >= 1 and latent_dim >= 1, got {n_components}, {latent_dim}")
+        if covariance not in ("diag", "full"):
+            raise ElbolabError(f"expected covariance diag or full, got {covariance!r}")
+        self.covariance = covariance
         self.logits = nn.Parameter(torch.zeros(n_components))
         self.means = nn.Parameter(spread * torch.randn(n_components, latent_dim))
         self.log_var = nn.Parameter(torch.zeros(n_components, latent_dim))
+        if covariance == "full":  # only the strictly lower triangle is used
+            self.lower = nn.Parameter(torch.zeros(n_components, latent_dim, latent_dim))
+
+    def scale_tril(self) -> torch.Tensor:
+        """L_c, ``[K, d, d]`` (for ``diag``, the diagonal matrices)."""
+        tril = torch.diag_embed(torch.exp(0.5 * self.log_var))  # [K, d, d]
+        return tril + self.lower.tril(-1) if self.covariance == "full" else tril
 
     def forward(self) -> MixtureSameFamily:
-        components = Independent(Normal(self.means, torch.exp(0.5 * self.log_var), validate_args=False), 1)
+        if self.covariance == "full":
+            components = MultivariateNormal(self.means, scale_tril=self.scale_tril(), validate_args=False)
+        else:
+            components = Independent(Normal(self.means, torch.exp(0.5 * self.log_var), validate_args=False), 1)
         return MixtureSameFamily(Categorical(logits=self.logits, validate_args=False), components,
                                  validate_args=False)
+
+    @torch.no_grad()
+    def set(self, weights, means, covariances) -> None:
+        """Set pi ``[K]``, mu_c ``[K, d]`` and the covariances: variances ``[K, d]`` (either kind of prior) or, for a
+        full prior, positive-definite matrices ``[K, d, d]``."""
+        like = self.logits
+        self.logits.copy_(torch.as_tensor(weights).to(like).log())
+        self.means.copy_(torch.as_tensor(means).to(like))
+        covariances = torch.as_tensor(covariances, dtype=torch.float64)
+        if covariances.dim() == 2:
+            self.log_var.copy_(covariances.log().to(like))
+            if self.covariance == "full":
+                self.lower.zero_()
+            return
+        if self.covariance != "full":
+            raise ElbolabError(f"a diagonal mixture prior takes variances [K, d], got matrices "
+                               f"{tuple(covariances.shape)}; give their diagonals, or use a full-covariance prior")
+        tril = torch.linalg.cholesky(covariances)  # [K, d, d], in float64 for accuracy
+        self.log_var.copy_((2 * tril.diagonal(dim1=-2, dim2=-1).log()).to(like))
+        self.lower.copy_(tril.tril(-1).to(like))
 

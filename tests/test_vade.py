@@ -26,6 +26,8 @@ def small_model(seed=0, **options):
         model.mixture.means.mul_(1.5)
         model.mixture.log_var.uniform_(-1.0, 0.5)
         model.mixture.logits.uniform_(-1.0, 1.0)
+        if model.config.gmm_covariance == "full":  # and correlated components
+            model.mixture.lower.uniform_(-0.8, 0.8)
     return model
 
 
@@ -34,9 +36,10 @@ def fixed_log_gamma(batch_size, k, seed=1):
     return torch.randn(batch_size, k, generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "full"])
 @torch.no_grad()
-def test_closed_form_kl_terms_match_monte_carlo_and_eq17():
-    model = small_model()
+def test_closed_form_kl_terms_match_monte_carlo_and_eq17(covariance):
+    model = small_model(gmm_covariance=covariance)
     x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
     q, prior = model.encode(x), model.prior()
     log_gamma = fixed_log_gamma(3, 4)
@@ -53,6 +56,9 @@ def test_closed_form_kl_terms_match_monte_carlo_and_eq17():
     stderr = per_sample.std(0) / math.sqrt(z.shape[0])
     assert ((per_sample.mean(0) - closed).abs() < 5 * stderr + 1e-4).all()
 
+    if covariance == "full":
+        assert not torch.allclose(prior.component_distribution.covariance_matrix.tril(-1), torch.zeros(1))
+        return
     # the paper's eq. 17 written out term by term (prior and entropy parts; the reconstruction term is shared)
     mu, var = q.mean.unsqueeze(1), q.variance.unsqueeze(1)  # [B, 1, d]
     mu_c, var_c = prior.component_distribution.mean, prior.component_distribution.variance  # [K, d]
@@ -62,9 +68,10 @@ def test_closed_form_kl_terms_match_monte_carlo_and_eq17():
     assert torch.allclose(eq17, closed, atol=1e-5)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "full"])
 @torch.no_grad()
-def test_vade_elbo_lower_bounds_the_marginal_mixture_elbo_by_the_expected_kl():
-    model = small_model(seed=4)
+def test_vade_elbo_lower_bounds_the_marginal_mixture_elbo_by_the_expected_kl(covariance):
+    model = small_model(seed=4, gmm_covariance=covariance)
     x = torch.rand(3, 6, generator=torch.Generator().manual_seed(5))
     q, prior = model.encode(x), model.prior()
     log_gamma = fixed_log_gamma(3, 4, seed=6)
@@ -126,10 +133,14 @@ def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits, covariance):
     with torch.no_grad():
         means = model.encode(train.batch(torch.arange(len(train))).x).mean.double().numpy()  # all at once
     gmm = GaussianMixture(5, covariance_type=covariance, max_iter=200, random_state=seed).fit(means)
-    variances = gmm.covariances_ if covariance == "diag" else np.stack([np.diag(c) for c in gmm.covariances_])
     prior = model.prior()
     np.testing.assert_allclose(prior.component_distribution.mean.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(prior.component_distribution.variance.detach().numpy(), variances, rtol=1e-4)
+    if covariance == "diag":
+        np.testing.assert_allclose(prior.component_distribution.variance.detach().numpy(), gmm.covariances_, rtol=1e-4)
+    else:  # the whole matrices, off-diagonal correlations included
+        assert np.abs(gmm.covariances_ - np.diag(np.diag(gmm.covariances_[0]))[None]).max() > 1e-3
+        np.testing.assert_allclose(prior.component_distribution.covariance_matrix.detach().numpy(),
+                                   gmm.covariances_, rtol=1e-4, atol=1e-5 * np.abs(gmm.covariances_).max())
     np.testing.assert_allclose(prior.mixture_distribution.probs.detach().numpy(), gmm.weights_, rtol=1e-4)
     # and not on another set of codes: the prior means lie inside the cloud of encoder means
     assert np.abs(gmm.means_).max() <= np.abs(means).max()
@@ -176,14 +187,34 @@ def test_training_from_a_pretrained_autoencoder_reports_clustering_metrics(tmp_p
     assert plot_latent_snapshots(run, run / "figures" / "snaps.png").is_file()
 
 
+def test_full_prior_starts_diagonal_and_accepts_variances_or_matrices():
+    from elbolab.networks import MixturePrior
+
+    torch.manual_seed(0)
+    diag, full = MixturePrior(3, 2), MixturePrior(3, 2, covariance="full")
+    full.load_state_dict({**diag.state_dict(), "lower": full.lower.detach()})
+    z = torch.randn(50, 2)
+    assert torch.allclose(full().log_prob(z), diag().log_prob(z), atol=1e-6)  # the same density at the start
+    cov = torch.tensor([[[2.0, 0.6], [0.6, 1.0]]]).expand(3, 2, 2)
+    full.set(torch.full((3,), 1 / 3), torch.zeros(3, 2), cov)
+    assert torch.allclose(full().component_distribution.covariance_matrix, cov, atol=1e-6)
+    full.set(torch.full((3,), 1 / 3), torch.zeros(3, 2), torch.ones(3, 2))  # variances: back to diagonal
+    assert torch.allclose(full().component_distribution.covariance_matrix, torch.eye(2).expand(3, 2, 2))
+    with pytest.raises(ElbolabError, match="diagonal mixture prior takes variances"):
+        diag.set(torch.full((3,), 1 / 3), torch.zeros(3, 2), cov)
+    with pytest.raises(ElbolabError, match="covariance diag or full"):
+        MixturePrior(3, 2, covariance="tied")
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
 @torch.no_grad()
-def test_sample_per_cluster_draws_row_c_from_component_c():
-    model = small_model(seed=5)
+def test_sample_per_cluster_draws_row_c_from_component_c(covariance):
+    model = small_model(seed=5, gmm_covariance=covariance)
     torch.manual_seed(0)
     decoded = model.sample_per_cluster(7)  # [K, n, D]
     torch.manual_seed(0)
-    mu, sd = model.mixture.means, (0.5 * model.mixture.log_var).exp()  # [K, d]
-    z = mu + sd * torch.randn(7, 4, 3)  # [n, K, d], the same draws
+    mu, tril = model.mixture.means, model.mixture.scale_tril()  # [K, d], [K, d, d]
+    z = mu + (tril @ torch.randn(7, 4, 3, 1)).squeeze(-1)  # [n, K, d], the same draws
     for c in range(4):
         assert torch.allclose(decoded[c], model.decode_mean(z[:, c]), atol=1e-6)
 

@@ -1,7 +1,8 @@
 """Variational Deep Embedding (Jiang, Zheng, Tan, Tang & Zhou 2017, "Variational Deep Embedding: an unsupervised and
 generative approach to clustering"; notes 004, the VAE with a structured prior).
 
-Generative process: c ~ Cat(pi), z ~ N(mu_c, diag sigma_c^2), x ~ p(x|z) (Bernoulli or any likelihood head).
+Generative process: c ~ Cat(pi), z ~ N(mu_c, diag sigma_c^2), x ~ p(x|z) (Bernoulli or any likelihood head);
+``gmm_covariance=full`` (ours, not the paper's) gives the components full covariances, z ~ N(mu_c, Sigma_c).
 Mean-field posterior q(z, c|x) = q(z|x) q(c|x), q(z|x) = N(mu~(x), diag sigma~^2(x)) and q(c|x) = gamma, the
 responsibilities of the GMM prior at a sample z ~ q(z|x): gamma_c = p(c|z) (Jiang et al. eq. 16). The ELBO
 (Jiang et al. eq. 17, the Gaussian expectations in closed form) is, per example,
@@ -12,7 +13,7 @@ responsibilities of the GMM prior at a sample z ~ q(z|x): gamma_c = p(c|z) (Jian
 (eq. 17 written out term by term is the same expression: the log 2 pi terms cancel). For any q(c|x) not depending
 on z it lower-bounds the ELBO with the marginal mixture prior, E_q[log p(x|z) + log p(z) - log q(z|x)], by exactly
 E_q(z|x) KL(q(c|x) || p(c|z)) >= 0. The prior is ``elbolab.networks.MixturePrior`` (a MixtureSameFamily), fitted
-before training by EM on the encoder means (``prepare``, ``elbolab.classical.GaussianMixture``, diagonal
+before training by EM on the encoder means (``prepare``, ``elbolab.classical.GaussianMixture``, with the prior's
 covariances), usually after ``init_from`` a pretrained ``autoencoder`` run (``load_pretrained`` maps its encoder
 body and code layer onto the encoder body and mean head). A cluster is argmax_c q(c|x) at z = mu~(x).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import Categorical, Independent, Normal, kl_divergence
+from torch.distributions import Categorical, Independent, MultivariateNormal, Normal, kl_divergence
 
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
@@ -42,8 +43,8 @@ class VaDEConfig(ModelConfig):
     gmm_init: bool = option(True, "fit the prior by EM on the encoder means before the first epoch")
     gmm_n_init: int = option(1, "EM restarts of that fit (the best log-likelihood is kept)")
     gmm_max_iter: int = option(200, "EM iterations per restart")
-    gmm_covariance: str = option("diag", "covariances of that EM fit: diag, or full (its clusters; the prior takes "
-                                 "each covariance's diagonal and stays diagonal)")
+    gmm_covariance: str = option("diag", "covariances of the prior's components and of their EM fit: diag (the "
+                                 "paper) or full (multivariate normal components)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,9 +70,13 @@ def cluster_log_posterior(prior, z: torch.Tensor) -> torch.Tensor:
 
 def vade_kl(q: Independent, prior, log_gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two KL terms of eq. 17 for q(c|x) = exp(log_gamma) ``[..., B, K]``: (sum_c gamma_c KL(q(z|x) || p(z|c)),
-    KL(q(c|x) || p(c))), each ``[..., B]``. ``q`` is diagonal with batch [B]; ``prior`` a MixtureSameFamily."""
-    base = q.base_dist
-    q_by_c = Independent(Normal(base.loc.unsqueeze(-2), base.scale.unsqueeze(-2), validate_args=False), 1)  # [B, 1]
+    KL(q(c|x) || p(c))), each ``[..., B]``. ``q`` is diagonal with batch [B]; ``prior`` a MixtureSameFamily of
+    diagonal (Independent Normal) or full (MultivariateNormal) components."""
+    loc, scale = q.base_dist.loc.unsqueeze(-2), q.base_dist.scale.unsqueeze(-2)  # [B, 1, d]
+    if isinstance(prior.component_distribution, MultivariateNormal):  # torch's KL needs the same family
+        q_by_c = MultivariateNormal(loc, scale_tril=torch.diag_embed(scale), validate_args=False)  # batch [B, 1]
+    else:
+        q_by_c = Independent(Normal(loc, scale, validate_args=False), 1)  # batch [B, 1]
     kl_zc = kl_divergence(q_by_c, prior.component_distribution)  # [B, K]
     kl_z = (log_gamma.exp() * kl_zc).sum(-1)  # [..., B]
     kl_c = kl_divergence(Categorical(logits=log_gamma, validate_args=False), prior.mixture_distribution)  # [..., B]
@@ -86,7 +91,7 @@ class VaDE(LatentVariableModel):
 
     def __init__(self, config: VaDEConfig):
         super().__init__(config)
-        self.mixture = MixturePrior(config.n_clusters, config.latent_dim)
+        self.mixture = MixturePrior(config.n_clusters, config.latent_dim, covariance=config.gmm_covariance)
 
     def prior(self, batch: Batch | None = None):
         return self.mixture()  # MixtureSameFamily, batch [], event [d]
@@ -134,9 +139,9 @@ class VaDE(LatentVariableModel):
         return self._over_split(data, lambda b: self.cluster_log_probs(b).argmax(-1))
 
     def prepare(self, train, ctx: StepContext) -> None:
-        """Fit the prior by EM on the encoder means of the training split (diagonal covariances, or full ones whose
-        diagonals the prior keeps). The EM seed is drawn from torch's generator (seeded by the trainer):
-        deterministic, and different per training seed."""
+        """Fit the prior by EM on the encoder means of the training split, with the prior's covariances. The EM
+        seed is drawn from torch's generator (seeded by the trainer): deterministic, and different per
+        training seed."""
         if not self.config.gmm_init:
             return
         from elbolab.classical import GaussianMixture
@@ -146,20 +151,15 @@ class VaDE(LatentVariableModel):
             raise ElbolabError(f"vade: expected at least n_clusters={self.config.n_clusters} training examples to "
                                f"initialise the prior, got {len(means)}; use more data or fewer clusters")
         seed = int(torch.randint(2**31 - 1, ()))
-        covariance = self.config.gmm_covariance
-        gmm = GaussianMixture(self.config.n_clusters, covariance_type=covariance, n_init=self.config.gmm_n_init,
-                              max_iter=self.config.gmm_max_iter, random_state=seed).fit(means)
-        # full: the clusters of a full-covariance fit, and per cluster the variance of each dimension (its diagonal)
-        variances = gmm.covariances_ if covariance == "diag" else gmm.covariances_.diagonal(axis1=1, axis2=2).copy()
-        self.set_prior(gmm.weights_, gmm.means_, variances)
+        gmm = GaussianMixture(self.config.n_clusters, covariance_type=self.config.gmm_covariance,
+                              n_init=self.config.gmm_n_init, max_iter=self.config.gmm_max_iter,
+                              random_state=seed).fit(means)
+        self.set_prior(gmm.weights_, gmm.means_, gmm.covariances_)
 
-    @torch.no_grad()
-    def set_prior(self, weights, means, variances) -> None:
-        """Set pi [K], mu_c [K, d] and sigma_c^2 [K, d] of the mixture prior."""
-        mix = self.mixture
-        mix.logits.copy_(torch.as_tensor(weights, dtype=mix.logits.dtype).log())
-        mix.means.copy_(torch.as_tensor(means, dtype=mix.means.dtype))
-        mix.log_var.copy_(torch.as_tensor(variances, dtype=mix.log_var.dtype).log())
+    def set_prior(self, weights, means, covariances) -> None:
+        """Set pi [K], mu_c [K, d] and the covariances of the mixture prior: variances [K, d], or (full prior)
+        matrices [K, d, d]."""
+        self.mixture.set(weights, means, covariances)
 
     def load_pretrained(self, weights: dict[str, torch.Tensor]) -> list[str]:
         """As the base class, and an ``autoencoder`` run's encoder (``encoder.0`` body, ``encoder.1`` code layer)
