@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 import typer
 from scipy.special import logsumexp
 from sklearn.base import clone
@@ -235,11 +236,38 @@ def test_bad_settings_raise_one_clear_error(settings):
 @pytest.mark.parametrize("observed, noise, match", [
     (np.ones((2, 2, 3)), "gaussian", "2-D"), (np.ones(5), "gaussian", "2-D"),
     (np.array([[0.0, np.nan], [1.0, 1.0]]), "gaussian", "NaN"), (np.array([[0.0, 1.0]]), "flip", "-1 and \\+1"),
+    (np.array([[np.inf, 1.0], [-np.inf, 1.0]]), "gaussian", "2 NaN/inf"),
+    (np.array([[1.0, -1.0, 1.5]]), "flip", "-1 and"),
     (np.array([["a", "b"]]), "gaussian", "real-valued"),
 ])
 def test_bad_images_raise_one_clear_error(observed, noise, match):
     with pytest.raises(ElbolabError, match=match):
         IsingDenoiser(noise=noise).fit(observed)
+
+
+def test_finite_but_overflowing_images_are_accepted():
+    huge = np.full((2, 2), 1e308)  # finite values whose sum overflows: the exact check must let them through
+    assert IsingDenoiser(max_sweeps=2).fit(huge).predict().tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("noise, dtype", [("gaussian", "float64"), ("gaussian", "float32"), ("flip", "float64")])
+def test_fit_uses_the_models_fields_and_leaves_the_callers_image_untouched(noise, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 7)) if noise == "gaussian" else np.where(rng.random((5, 7)) < 0.5, -1.0, 1.0)
+    before = x.copy()
+    model = IsingModel(coupling=0.7, noise=noise, sigma=1.3, flip_prob=0.2)
+    for method in ("meanfield", "icm", "gibbs"):
+        IsingDenoiser(coupling=0.7, noise=noise, sigma=1.3, flip_prob=0.2, method=method, dtype=dtype,
+                      max_sweeps=3, random_state=0).fit(x)
+        np.testing.assert_array_equal(x, before)
+    h, c = model.local_fields(x)
+    field, offset = model.field_and_offset(x, torch.float64)
+    np.testing.assert_allclose(field.numpy(), h, rtol=1e-15, atol=0)
+    assert offset == pytest.approx(c.sum(), rel=1e-12)
+    fitted = IsingDenoiser(coupling=0.7, noise=noise, sigma=1.3, flip_prob=0.2, dtype="float64", tol=1e-12,
+                           max_sweeps=2000).fit(x)
+    # the fitted ELBO is the reference float64 ELBO of the fitted means (so offset and field are the model's)
+    assert fitted.elbo_history_[-1] == pytest.approx(model.elbo(fitted.posterior_mean_, x), rel=1e-10)
 
 
 # ---------------------------------------------------------------- images and CLI

@@ -91,11 +91,13 @@ def check_image(observed, noise: str = "gaussian", name: str = "observed image")
     if array.ndim != 2 or array.size == 0:
         raise ElbolabError(f"The {name} must be a non-empty 2-D array [H, W], got shape {array.shape}; "
                            "for a colour image pass one channel or its grey level.")
-    array = array.astype(np.float64)
-    if not np.isfinite(array).all():
+    array = np.asarray(array, dtype=np.float64)  # no copy when it is float64 already: never written to
+    # one pass, no temporary: a finite sum means finite values (a NaN or inf makes the sum non-finite); only an
+    # overflowing sum of finite values takes the exact check
+    if not math.isfinite(float(array.sum())) and not np.isfinite(array).all():
         raise ElbolabError(f"The {name} contains {int((~np.isfinite(array)).sum())} NaN/inf values; "
                            "replace them before denoising.")
-    if noise == "flip" and not np.isin(array, (-1.0, 1.0)).all():
+    if noise == "flip" and not (np.abs(array) == 1.0).all():
         found = np.unique(array)[:5]
         raise ElbolabError(f"With noise='flip' the {name} must contain only -1 and +1, got values such as "
                            f"{found.tolist()}; map a 0/1 image with 2 * image - 1, or use noise='gaussian'.")
@@ -125,6 +127,16 @@ class IsingModel:
             return x / self.sigma**2, -(x**2 + 1.0) / (2.0 * self.sigma**2)
         p = self.flip_prob
         return evidence_from_flip_prob(p) * x, np.full_like(x, 0.5 * (math.log1p(-p) + math.log(p)))
+
+    def field_and_offset(self, x: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        """The field ``h`` as a tensor of ``dtype`` and ``sum_i c_i``, for an image :func:`check_image` accepted:
+        :meth:`local_fields` without its two float64 images (the solvers' start-up cost on large images)."""
+        xt = torch.from_numpy(x)
+        if self.noise == "gaussian":
+            squares = float(np.dot(x.ravel(), x.ravel()))  # sum x^2 without a temporary
+            return xt.to(dtype, copy=True).div_(self.sigma**2), -(squares + x.size) / (2.0 * self.sigma**2)
+        p = self.flip_prob
+        return xt.to(dtype, copy=True).mul_(evidence_from_flip_prob(p)), x.size * 0.5 * (math.log1p(-p) + math.log(p))
 
     def log_joint(self, z, observed) -> float:
         """``log p~(z | x)`` for a configuration ``z`` (any real array; ``{-1, +1}`` for a state)."""
@@ -507,16 +519,17 @@ class IsingDenoiser(BaseEstimator):
     def fit(self, observed, y=None) -> IsingDenoiser:
         """Run the chosen method on the observed ``[H, W]`` image; returns self."""
         self._validate()
-        x = check_image(observed, self.noise)
-        h, c = self.model_.local_fields(x)
+        x = check_image(observed, self.noise)  # float64; may be the caller's own array: never written to
         dtype = DTYPES[self.dtype]
-        field, offset, coupling = torch.from_numpy(h).to(dtype), float(c.sum()), float(self.coupling)
+        field, offset = self.model_.field_and_offset(x, dtype)
+        coupling = float(self.coupling)
         self.elbo_history_, self.log_joint_history_, self.elbo_sweeps_ = [], [], []
         self.kernel_, self.kernel_fallback_ = "eager", None
-        start = torch.from_numpy(np.where(x >= 0, 1.0, -1.0)).to(dtype)  # sign(x), ties to +1
         if self.method == "meanfield":
-            self._fit_meanfield(torch.from_numpy(x).to(dtype).clamp_(-1.0, 1.0), field, offset, coupling)
-        elif self.method == "icm":
+            self._fit_meanfield(torch.from_numpy(x).to(dtype, copy=True).clamp_(-1.0, 1.0), field, offset, coupling)
+            return self
+        start = torch.from_numpy(np.where(x >= 0, 1.0, -1.0)).to(dtype)  # sign(x), ties to +1
+        if self.method == "icm":
             self._fit_icm(start, field, offset, coupling)
         else:
             self._fit_gibbs(start, field, offset, coupling)
@@ -541,7 +554,7 @@ class IsingDenoiser(BaseEstimator):
                 break
         self.elbo_history_.append(sweeper.elbo())
         self.elbo_sweeps_.append(self.n_sweeps_)
-        self.posterior_mean_ = sweeper.mu.to(torch.float64).numpy().copy()
+        self.posterior_mean_ = np.array(sweeper.mu.numpy(), dtype=np.float64)  # one pass, a new array
         self.kernel_fallback_ = getattr(sweeper, "fallback_reason", None)
         self.kernel_ = "compiled" if compiled and self.kernel_fallback_ is None else "eager"
         if self.kernel == "compiled" and self.kernel_fallback_ is not None:
@@ -566,7 +579,7 @@ class IsingDenoiser(BaseEstimator):
             if changed == 0:
                 self.converged_ = True
                 break
-        self.posterior_mean_ = z.to(torch.float64).numpy().copy()
+        self.posterior_mean_ = np.array(z.numpy(), dtype=np.float64)
         if not self.converged_:
             warnings.warn(f"ICM still changed {changed} pixels in its last sweep (max_sweeps={self.max_sweeps}); "
                           "try more sweeps.", ConvergenceWarning, stacklevel=3)
