@@ -183,19 +183,23 @@ class Components:
     the constant column makes the M-step's GEMM return the first moments and counts alongside the second.
     diag / spherical: the Mahalanobis term is expanded into three [c, D] x [D, K] products, always in float64
     (the expansion subtracts large terms; float64 keeps that harmless).
+
+    ``dtype`` is the data's (the GEMM's) dtype when it differs from the parameters': the whitening matrices are
+    formed in the parameters' precision and rounded once, and the M-step's small solves stay in that precision.
     """
 
-    def __init__(self, means: torch.Tensor, prec_chol: torch.Tensor, cov_type: str):
+    def __init__(self, means: torch.Tensor, prec_chol: torch.Tensor, cov_type: str, dtype: torch.dtype | None = None):
         self.means, self.prec_chol, self.cov_type = means, prec_chol, cov_type
         self.K, self.D = K, D = means.shape
         self.whitened = cov_type in ("full", "tied")
         if self.whitened:
             P = prec_chol.expand(K, D, D)
-            self._augmented = torch.zeros(K, D + 1, D + 1, dtype=means.dtype, device=means.device)
-            self._augmented[:, :D, :D] = P
-            self._augmented[:, D, :D] = -(means.unsqueeze(1) @ P).squeeze(1)
-            self._augmented[:, D, D] = 1.0
-            self._stacked = self._augmented.permute(1, 0, 2).reshape(D + 1, K * (D + 1))  # [D + 1, K (D + 1)]
+            augmented = torch.zeros(K, D + 1, D + 1, dtype=means.dtype, device=means.device)
+            augmented[:, :D, :D] = P
+            augmented[:, D, :D] = -(means.unsqueeze(1) @ P).squeeze(1)
+            augmented[:, D, D] = 1.0
+            augmented = augmented.to(dtype or means.dtype)
+            self._stacked = augmented.permute(1, 0, 2).reshape(D + 1, K * (D + 1))  # [D + 1, K (D + 1)]
         else:
             prec = prec_chol.double().square()
             self._prec = prec if cov_type == "diag" else prec[:, None].expand(K, D)  # [K, D]
@@ -331,7 +335,7 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
         top_chunk = torch.empty(K, h, D + 1, dtype=X.dtype, device=X.device)
         bottom_chunk = torch.empty(K, D + 1 - h, D + 1 - h, dtype=X.dtype, device=X.device)
     if log_const is not None:
-        log_const = log_const + 0.5  # [K]; |[y, 1]|^2 carries an extra 1
+        log_const = (log_const + 0.5).to(X.dtype)  # [K]; |[y, 1]|^2 carries an extra 1
     for start in range(0, n, rows):
         c = min(rows, n - start)
         x_aug = rows_aug[:c]
@@ -526,7 +530,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
         counts = rng.multinomial(n_samples, self._plugin_weights().cpu().double().numpy())
         gen = torch.Generator(device=self._device).manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         P, means = self._state["prec_chol"], self._state["means"]
-        noise = torch.randn(n_samples, self.n_features_in_, generator=gen, device=self._device, dtype=self._dtype)
+        noise = torch.randn(n_samples, self.n_features_in_, generator=gen, device=self._device, dtype=P.dtype)
         labels = torch.repeat_interleave(torch.arange(self.n_components, device=self._device),
                                          torch.as_tensor(counts, device=self._device))
         if self.covariance_type == "full":  # x = mu + P^{-T} e for e ~ N(0, I): covariance (P P^T)^{-1}

@@ -72,9 +72,12 @@ class GaussianMixture(MixtureBase):
         self.device = device
 
     # ------------------------------------------------------------------------------------- fit internals
+    # The parameters are float64 whatever the data's dtype: the M-step's small solves and Cholesky factors cost
+    # nothing next to the passes over the data, and in float32 their rounding steered the EM trajectory away from
+    # the float64 one (BENCHMARKS.md, issue 12). Only the GEMMs over the data run in the data's dtype.
     def _prepare(self, Xc: torch.Tensor) -> None:
         K, D = self.n_components, Xc.shape[1]
-        opts = dict(dtype=Xc.dtype, device=Xc.device)
+        opts = dict(dtype=torch.float64, device=Xc.device)
         self._weights_init = self._means_init = self._prec_chol_init = None
         if self.weights_init is not None:
             w = as_param_tensor(self.weights_init, (K,), "weights_init", **opts)
@@ -95,10 +98,10 @@ class GaussianMixture(MixtureBase):
         if weights is None or means is None or prec_chol is None:  # as scikit-learn: draw only if needed
             resp = initial_responsibilities(Xc, X.cpu().numpy(), self.n_components, self.init_params, random_state)
             nk, xbar, scatter = moments_from_resp(Xc, resp, self.covariance_type)
-            weights = (nk / Xc.shape[0]).to(Xc.dtype) if weights is None else weights
-            means = xbar.to(Xc.dtype) if means is None else means
+            weights = (nk / Xc.shape[0]).double() if weights is None else weights
+            means = xbar.double() if means is None else means
             if prec_chol is None:
-                cov = self._covariances(nk, scatter).to(Xc.dtype)
+                cov = self._covariances(nk, scatter).double()
                 prec_chol = self._precision_cholesky(cov)
         self._state = {"weights": weights, "means": means, "cov": cov, "prec_chol": prec_chol}
 
@@ -120,7 +123,7 @@ class GaussianMixture(MixtureBase):
 
     def _components(self) -> tuple[Components, torch.Tensor]:
         s = self._state
-        comps = Components(s["means"], s["prec_chol"], self.covariance_type)
+        comps = Components(s["means"], s["prec_chol"], self.covariance_type, dtype=self._dtype)
         log_det = log_det_cholesky(s["prec_chol"], self.covariance_type, comps.D, comps.K)
         return comps, s["weights"].log() + log_det - 0.5 * comps.D * LOG_2PI
 
@@ -128,8 +131,8 @@ class GaussianMixture(MixtureBase):
         comps, log_const = self._components()
         stats = sweep(Xc, comps, log_const)  # E-step at the current parameters
         nk, xbar, scatter = moments(stats, comps)
-        cov = self._covariances(nk, scatter).to(Xc.dtype)  # M-step
-        self._state = {"weights": (nk / nk.sum()).to(Xc.dtype), "means": xbar.to(Xc.dtype), "cov": cov,
+        cov = self._covariances(nk, scatter)  # M-step, float64
+        self._state = {"weights": nk / nk.sum(), "means": xbar, "cov": cov,
                        "prec_chol": self._precision_cholesky(cov)}
         return float(stats.log_norm) / Xc.shape[0]
 
@@ -145,7 +148,7 @@ class GaussianMixture(MixtureBase):
         return self._state["weights"]
 
     def _export(self) -> None:
-        s, cpu = self._state, (lambda t: t.detach().cpu().numpy())
+        s, cpu = self._state, (lambda t: t.detach().to(self._dtype).cpu().numpy())  # in the dtype asked for
         self.weights_ = cpu(s["weights"])
         self.means_ = cpu(s["means"] + self._shift)
         self.covariances_ = cpu(s["cov"])
