@@ -76,14 +76,29 @@ def run_seed(args, seed: int) -> dict:
     out, times = {}, {}
     work = Path(args.workdir) / f"seed{seed}"
     common_opts = dict(data_dir=args.data_dir, val_size=args.val_size, train_size=args.train_size, seed=seed,
-                       progress=False, tensorboard=False, figures=False, overwrite=True, **ARCH)
+                       progress=False, tensorboard=False, figures=False, **ARCH)
 
-    t0 = time.perf_counter()
-    gmm = fit_gmm(x_train.double().numpy(), seed, args.pixel_covariance, args.gmm_n_init)
-    out["GMM (pixels)"] = scores(y_train, gmm.predict(x_train.double().numpy()), y_test,
-                                 gmm.predict(x_test.double().numpy()))
-    times["GMM (pixels)"] = time.perf_counter() - t0
-    print(f"seed {seed}: GMM on pixels done in {times['GMM (pixels)']:.0f} s", flush=True)
+    def train(model_name, out, **options):
+        """A new run, or with --resume the run already in ``out`` continued from its checkpoint."""
+        if args.resume and (out / "checkpoint.safetensors").exists():
+            from elbolab.errors import CheckpointError
+
+            options.pop("init_from", None)
+            try:
+                return pipeline.train(model_name, "mnist", out=out, resume=True, **{**common_opts, **options})
+            except CheckpointError as error:
+                if "has already trained" not in str(error):
+                    raise
+                return out  # finished before the stop
+        return pipeline.train(model_name, "mnist", out=out, overwrite=True, **{**common_opts, **options})
+
+    if not args.skip_pixel_gmm:
+        t0 = time.perf_counter()
+        gmm = fit_gmm(x_train.double().numpy(), seed, args.pixel_covariance, args.gmm_n_init)
+        out["GMM (pixels)"] = scores(y_train, gmm.predict(x_train.double().numpy()), y_test,
+                                     gmm.predict(x_test.double().numpy()))
+        times["GMM (pixels)"] = time.perf_counter() - t0
+        print(f"seed {seed}: GMM on pixels done in {times['GMM (pixels)']:.0f} s", flush=True)
 
     vae_epochs = args.epochs if args.vae_epochs is None else args.vae_epochs
     for name, model_name, epochs in (("AE + GMM", "autoencoder", args.pretrain_epochs),
@@ -91,8 +106,7 @@ def run_seed(args, seed: int) -> dict:
         if epochs == 0:
             continue
         t0 = time.perf_counter()
-        run = pipeline.train(model_name, "mnist", out=work / model_name, epochs=epochs, lr=args.lr,
-                             batch_size=args.batch_size, **common_opts)
+        run = train(model_name, work / model_name, epochs=epochs, lr=args.lr, batch_size=args.batch_size)
         model, _ = runs.load_run(run)
         with torch.no_grad():
             z_train = torch.cat([model.latent_means(x_train[i:i + 1000])["z"] for i in range(0, len(x_train), 1000)])
@@ -109,9 +123,9 @@ def run_seed(args, seed: int) -> dict:
     for covariance in args.vade_covariance:  # every VaDE from the same pretrained autoencoder
         name = "VaDE" if covariance == "diag" else "VaDE, full covariances"
         t0 = time.perf_counter()
-        run = pipeline.train("vade", "mnist", out=work / f"vade-{covariance}", epochs=args.epochs, lr=2e-3,
-                             batch_size=100, init_from=work / "autoencoder", schedules=lr_schedule(),
-                             gmm_n_init=args.gmm_n_init, gmm_covariance=covariance, **common_opts)
+        run = train("vade", work / f"vade-{covariance}", epochs=args.epochs, lr=2e-3, batch_size=100,
+                    init_from=work / "autoencoder", schedules=lr_schedule(), gmm_n_init=args.gmm_n_init,
+                    gmm_covariance=covariance)
         model, _ = runs.load_run(run)
         out[name] = scores(y_train, model.predict(x_train).numpy(), y_test, model.predict(x_test).numpy())
         times[name] = time.perf_counter() - t0  # after pretraining (counted in AE + GMM)
@@ -139,6 +153,9 @@ def main() -> None:
     parser.add_argument("--latent-covariance", default="diag", help="GMM on latent means: diag | full")
     parser.add_argument("--gmm-n-init", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-pixel-gmm", action="store_true", help="no GMM on pixels (minutes per seed)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs already in --workdir from their checkpoints (a stopped benchmark)")
     parser.add_argument("--out", default=None, help="append the markdown here too")
     parser.add_argument("--merge", nargs="+", default=None, metavar="WORKDIR",
                         help="no training: the table from the results.json of these workdirs (seeds run in "
@@ -159,11 +176,14 @@ def main() -> None:
     common.set_threads(args.threads)
     info = common.machine_info()
     started = time.perf_counter()
-    results = {seed: run_seed(args, seed) for seed in args.seeds}
-    wall = time.perf_counter() - started
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(args.workdir) / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
-    (Path(args.workdir) / "wall.json").write_text(json.dumps({"seconds": wall}))
+    results = {}
+    for seed in args.seeds:  # saved after every seed: a stopped benchmark keeps the seeds it finished
+        results[seed] = run_seed(args, seed)
+        wall = time.perf_counter() - started
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        (Path(args.workdir) / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()},
+                                                                    indent=1))
+        (Path(args.workdir) / "wall.json").write_text(json.dumps({"seconds": wall}))
     report(args, info, results, wall)
 
 

@@ -434,3 +434,25 @@ def test_chunked_whitened_sweep_matches_dense_float64_statistics(monkeypatch, co
         got = getattr(stats, name).double().numpy()
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * np.abs(expected).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_normalise_log_joint_matches_logsumexp_and_keeps_responsibilities_normal(dtype, dim):
+    """The E-step's normaliser against torch.logsumexp / softmax on rows whose components lie far apart (log
+    weights down to -1e4: exp underflows there), and no denormal responsibility (they are slow to compute with)."""
+    from elbolab.classical._mixture_common import normalise_log_joint
+
+    g = torch.Generator().manual_seed(0)
+    log_joint = torch.randn(40, 6, generator=g, dtype=torch.float64) * 3
+    log_joint[::2, 1:] -= torch.rand(20, 5, generator=g, dtype=torch.float64) * 1e4  # far components
+    log_joint = (log_joint if dim == 1 else log_joint.T).to(dtype)
+    norm, r, r_log_r = normalise_log_joint(log_joint, dim)
+    reference = log_joint.double()
+    torch.testing.assert_close(norm.double(), torch.logsumexp(reference, dim, keepdim=True), rtol=1e-6, atol=1e-5)
+    expected_r = torch.softmax(reference, dim)
+    torch.testing.assert_close(r.double(), expected_r, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(r.sum(dim).double(), torch.ones(40, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert float(r.min()) >= torch.finfo(dtype).tiny  # normal numbers only
+    expected_entropy = float(torch.special.xlogy(expected_r, expected_r).sum())
+    assert float(r_log_r) == pytest.approx(expected_entropy, rel=1e-5, abs=1e-6)

@@ -264,6 +264,27 @@ class SweepStats:
     second: torch.Tensor
 
 
+# exp() of arguments far below zero underflows to denormals or zero, and the vectorised exp then takes a slow path
+# (10-50x slower per element on the AMD EPYC of BENCHMARKS.md; in EM most of the [rows, K] log-responsibilities of
+# well separated components are down there). Relative weights below e^FLOOR (1e-35 in float32, 1e-304 in float64)
+# are raised to it: far below either dtype's resolution of the sums they enter, and still normal numbers after the
+# division by at most K and a square root.
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+
+
+def normalise_log_joint(log_joint: torch.Tensor, dim: int):
+    """``(log_norm, r, sum r log r)`` for ``log_joint`` = log w_k N(x | k): the log-normaliser per row (keepdim),
+    the responsibilities (see _EXP_FLOOR) and the entropy term summed in float64."""
+    top = log_joint.amax(dim, keepdim=True)
+    shifted = log_joint - top  # <= 0
+    r = shifted.clamp_min(_EXP_FLOOR.get(log_joint.dtype, -80.0)).exp_()
+    total = r.sum(dim, keepdim=True)  # in [1, K]
+    r /= total
+    log_total = total.log_()
+    r_log_r = (r * (shifted - log_total)).sum(dtype=torch.float64)
+    return top + log_total, r, r_log_r
+
+
 def chunk_rows(n_components: int, n_features: int) -> int:
     return max(16, _CHUNK_ELEMENTS // (n_components * n_features))
 
@@ -294,12 +315,9 @@ def sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor | None = N
         x64_sq = x64.square()
         maha = comps.mahalanobis(x, x64, x64_sq)  # [K, c]
         if resp is None:
-            wl = log_const - 0.5 * maha
-            norm = torch.logsumexp(wl, dim=0)
-            log_r = wl - norm
-            r = log_r.exp()  # [K, c]
+            norm, r, entropy = normalise_log_joint(log_const - 0.5 * maha, dim=0)  # [1, c], [K, c]
             log_norm += norm.sum()
-            r_log_r += (r * log_r).sum()
+            r_log_r += entropy
         else:
             r = resp[start:start + rows].T
             r_log_r += torch.special.xlogy(r, r).sum()
@@ -342,12 +360,9 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
         x_aug[:, :D] = X[start:start + c]
         y = comps.whiten(x_aug, out=whitened[:c])  # [c, K, D + 1]
         if resp is None:
-            log_r = torch.add(log_const, squared_norms(y), alpha=-0.5)  # [c, K] log w_k N(x | k)
-            norm = torch.logsumexp(log_r, dim=1, keepdim=True)  # [c, 1]
-            log_r -= norm
-            r = log_r.exp()
-            log_norm += norm.sum(dtype=torch.float64)
-            r_log_r += (r * log_r).sum(dtype=torch.float64)
+            norm, r, entropy = normalise_log_joint(torch.add(log_const, squared_norms(y), alpha=-0.5), dim=1)
+            log_norm += norm.sum(dtype=torch.float64)  # norm [c, 1], r [c, K]
+            r_log_r += entropy
         else:
             r = resp[start:start + c]  # [c, K]
             r_log_r += torch.special.xlogy(r, r).sum(dtype=torch.float64)
