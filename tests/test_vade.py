@@ -160,11 +160,12 @@ def test_load_pretrained_maps_an_autoencoder_encoder():
         assert torch.allclose(vade.decoder(x[:, :3]), ae.decoder(x[:, :3]))
 
 
-def test_training_from_a_pretrained_autoencoder_reports_clustering_metrics(tmp_path):
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_training_from_a_pretrained_autoencoder_reports_clustering_metrics(tmp_path, covariance):
     common = dict(hidden=(32,), latent_dim=4, progress=False, tensorboard=False, train_size=300)
     ae = pipeline.train("autoencoder", "digits", out=tmp_path / "ae", epochs=2, figures=False, **common)
     run = pipeline.train("vade", "digits", out=tmp_path / "vade", epochs=2, init_from=ae, figures=True,
-                         n_clusters=10, lr=2e-3, **common)
+                         n_clusters=10, lr=2e-3, gmm_covariance=covariance, **common)
     tensors = runs.read_json(run / runs.CONFIG)["init_from"]["tensors"]
     assert "encoder.body.0.weight" in tensors and "encoder.loc.weight" in tensors
     records, _ = runs.read_metrics(run / runs.METRICS)
