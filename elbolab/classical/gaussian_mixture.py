@@ -40,8 +40,9 @@ class GaussianMixture(MixtureBase):
     Parameters mirror :class:`sklearn.mixture.GaussianMixture` (``n_components``, ``covariance_type`` in
     full | tied | diag | spherical, ``tol``, ``reg_covar``, ``max_iter``, ``n_init``, ``init_params`` in kmeans |
     k-means++ | random | random_from_data, ``weights_init``, ``means_init``, ``precisions_init``,
-    ``random_state``, ``warm_start``, ``verbose``, ``verbose_interval``) plus ``dtype`` ("float64" | "float32")
-    and ``device`` (e.g. "cuda:0").
+    ``random_state``, ``warm_start``, ``verbose``, ``verbose_interval``) plus ``dtype`` ("float64" | "float32":
+    the dtype of the passes over the data; the parameters are updated in float64 either way, and the fitted
+    attributes are returned in ``dtype``) and ``device`` (e.g. "cuda:0").
 
     Fitted attributes: ``weights_``, ``means_``, ``covariances_``, ``precisions_``, ``precisions_cholesky_``,
     ``converged_``, ``n_iter_``, ``lower_bound_`` (mean log-likelihood per sample), ``lower_bound_history_``
