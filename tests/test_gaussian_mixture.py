@@ -410,7 +410,8 @@ def test_chunked_whitened_sweep_matches_dense_float64_statistics(monkeypatch, co
 
     import elbolab.classical._mixture_common as common
 
-    monkeypatch.setattr(common, "_CHUNK_ELEMENTS", 7 * 3 * 4)  # 7 rows per chunk (K = 3, D + 1 = 4): 451 = 64 * 7 + 3
+    # 7 rows per chunk in float64, 14 in float32 (K = 3, D + 1 = 4): 451 = 64 * 7 + 3 = 32 * 14 + 3
+    monkeypatch.setattr(common, "_CHUNK_BYTES", 7 * 3 * 4 * 8)
     X = blobs(seed=8)[:451] - 20.0  # [N, D]
     params = start_parameters(X, cov_type)
     weights, means, precisions = params["weights_init"], params["means_init"], params["precisions_init"]

@@ -26,7 +26,9 @@ from elbolab.errors import DataError, ElbolabError
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_CHUNK_ELEMENTS = 1 << 18  # whitened residuals per chunk: [rows, K, D + 1] stays in L2 (1 MB in float32)
+# Whitened residuals per chunk, [K, D + 1, rows]: 4 MiB (and as much scratch) sits in L3. Measured on the AMD EPYC
+# of BENCHMARKS.md (1 MiB L2, 32 MiB L3): fewer, larger chunks beat L2-sized ones, as their per-call overheads fall.
+_CHUNK_BYTES = 4 << 20
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -178,9 +180,11 @@ class Components:
     """K Gaussians given by centres and precision Cholesky factors, batched over K.
 
     full / tied: rows are whitened by ONE GEMM on augmented rows ``[x, 1]`` against the K matrices
-    ``A_k = [[P_k, 0], [-mu_k^T P_k, 1]]`` side by side ([D + 1, K (D + 1)]: one wide product runs closer to the
-    machine's peak than K narrow ones), giving ``[y, 1]`` with ``y = P_k^T (x - mu_k)``, laid out [c, K, D + 1];
-    the constant column makes the M-step's GEMM return the first moments and counts alongside the second.
+    ``A_k = [[P_k, 0], [-mu_k^T P_k, 1]]`` stacked ([K (D + 1), D + 1]: one wide product runs closer to the
+    machine's peak than K narrow ones), giving ``[y, 1]`` with ``y = P_k^T (x - mu_k)``, laid out [K, D + 1, c]
+    (rows along the contiguous axis: the M-step's products then reduce over contiguous memory, and the norms are
+    a sum over the middle axis); the constant row makes the M-step's GEMM return the first moments and counts
+    alongside the second.
     diag / spherical: the Mahalanobis term is expanded into three [c, D] x [D, K] products, always in float64
     (the expansion subtracts large terms; float64 keeps that harmless).
 
@@ -199,7 +203,7 @@ class Components:
             augmented[:, D, :D] = -(means.unsqueeze(1) @ P).squeeze(1)
             augmented[:, D, D] = 1.0
             augmented = augmented.to(dtype or means.dtype)
-            self._stacked = augmented.permute(1, 0, 2).reshape(D + 1, K * (D + 1))  # [D + 1, K (D + 1)]
+            self._stacked = augmented.mT.reshape(K * (D + 1), D + 1)  # [K (D + 1), D + 1], block k = A_k^T
         else:
             prec = prec_chol.double().square()
             self._prec = prec if cov_type == "diag" else prec[:, None].expand(K, D)  # [K, D]
@@ -208,16 +212,16 @@ class Components:
             self._mean_term = (means64 * self._prec_mean).sum(1, keepdim=True)  # [K, 1]
 
     def whiten(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Augmented rows [c, D + 1] (last column 1) -> augmented whitened residuals [c, K, D + 1] (full / tied).
+        """Augmented rows [c, D + 1] (last column 1) -> augmented whitened residuals [K, D + 1, c] (full / tied).
 
-        ``out`` [c, K (D + 1)] is an optional preallocated result buffer.
+        ``out`` [K (D + 1), c] is an optional preallocated result buffer.
         """
-        return torch.mm(x, self._stacked, out=out).view(x.shape[0], self.K, self.D + 1)
+        return torch.mm(self._stacked, x.T, out=out).view(self.K, self.D + 1, x.shape[0])
 
     def mahalanobis(self, x: torch.Tensor, x64: torch.Tensor | None = None, x64_sq: torch.Tensor | None = None):
         """Squared Mahalanobis distances [K, c] (diag / spherical: from float64 ``x64`` and ``x64_sq``)."""
         if self.whitened:
-            return squared_norms(self.whiten(augment(x))).T - 1.0
+            return squared_norms(self.whiten(augment(x))) - 1.0
         if x64 is None:
             x64 = x.double()
             x64_sq = x64.square()
@@ -242,10 +246,10 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
 
 
-def squared_norms(y: torch.Tensor) -> torch.Tensor:
-    """|[y, 1]|^2 = |y|^2 + 1 for [c, K, D + 1] -> [c, K]: vector_norm is one vectorised pass (y * y then a sum
-    is two, and a batched 1 x 1 matmul is slower still)."""
-    return torch.linalg.vector_norm(y, dim=-1).square_()
+def squared_norms(y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """|[y, 1]|^2 = |y|^2 + 1 for [K, D + 1, c] -> [K, c]. Squares then a sum over the middle axis, both vectorised
+    along the contiguous rows (vector_norm over a strided axis is ~15x slower); ``scratch`` holds the squares."""
+    return torch.mul(y, y, out=scratch).sum(1)
 
 
 @dataclass
@@ -285,8 +289,8 @@ def normalise_log_joint(log_joint: torch.Tensor, dim: int):
     return top + log_total, r, r_log_r
 
 
-def chunk_rows(n_components: int, n_features: int) -> int:
-    return max(16, _CHUNK_ELEMENTS // (n_components * n_features))
+def chunk_rows(n_components: int, n_features: int, itemsize: int = 8) -> int:
+    return max(16, _CHUNK_BYTES // (n_components * n_features * itemsize))
 
 
 def weighted_log_prob(X: torch.Tensor, comps: Components, log_const: torch.Tensor) -> torch.Tensor:
@@ -332,19 +336,20 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
                     resp: torch.Tensor | None) -> SweepStats:
     """:func:`sweep` for full / tied covariances, chunk by chunk with preallocated buffers.
 
-    Per chunk of c rows: one GEMM whitens them under all K components ([c, D + 1] x [D + 1, K (D + 1)]); the
-    E-step works on the [c, K] distances; then two batched GEMMs gather ``sum_n r [y, 1][y, 1]^T`` per component
-    from ``sqrt(r) [y, 1]`` (its upper rows and lower-right block: it is symmetric), read through strided views.
-    The GEMMs run in the data's dtype (float32: single-precision speed); each chunk's sums are added into float64
-    accumulators, so the rounding of a float32 run does not grow with N.
+    Per chunk of c rows: one GEMM whitens them under all K components ([K (D + 1), D + 1] x [D + 1, c]); the
+    E-step works on the [K, c] distances; then two batched GEMMs gather ``sum_n r [y, 1][y, 1]^T`` per component
+    from ``sqrt(r) [y, 1]`` (its upper rows and lower-right block: it is symmetric). The GEMMs run in the data's
+    dtype (float32: single-precision speed); each chunk's sums are added into float64 accumulators, so the rounding
+    of a float32 run does not grow with N.
     """
     K, D, n = comps.K, comps.D, X.shape[0]
     acc = dict(dtype=torch.float64, device=X.device)
     log_norm, r_log_r, nk = torch.zeros((), **acc), torch.zeros((), **acc), torch.zeros(K, **acc)
     sums = torch.zeros((K, D + 1, D + 1), **acc)
-    rows = min(n, chunk_rows(K, D + 1))
+    rows = min(n, chunk_rows(K, D + 1, X.element_size()))
     rows_aug = torch.ones(rows, D + 1, dtype=X.dtype, device=X.device)  # [c, D + 1], last column stays 1
-    whitened = torch.empty(rows, K * (D + 1), dtype=X.dtype, device=X.device)
+    whitened = torch.empty(K * (D + 1) * rows, dtype=X.dtype, device=X.device)
+    scratch = torch.empty_like(whitened)
     # The scatter is symmetric: per chunk, the first h rows of it (all columns) and the lower-right block, 3/4 of
     # the products of a full [D + 1, D + 1] one; the lower-left block is the transpose, filled in after the loop.
     h = (D + 1) // 2
@@ -353,28 +358,29 @@ def _whitened_sweep(X: torch.Tensor, comps: Components, log_const: torch.Tensor 
         top_chunk = torch.empty(K, h, D + 1, dtype=X.dtype, device=X.device)
         bottom_chunk = torch.empty(K, D + 1 - h, D + 1 - h, dtype=X.dtype, device=X.device)
     if log_const is not None:
-        log_const = (log_const + 0.5).to(X.dtype)  # [K]; |[y, 1]|^2 carries an extra 1
+        log_const = (log_const + 0.5).to(X.dtype)[:, None]  # [K, 1]; |[y, 1]|^2 carries an extra 1
     for start in range(0, n, rows):
         c = min(rows, n - start)
         x_aug = rows_aug[:c]
         x_aug[:, :D] = X[start:start + c]
-        y = comps.whiten(x_aug, out=whitened[:c])  # [c, K, D + 1]
+        size = K * (D + 1) * c
+        y = comps.whiten(x_aug, out=whitened[:size].view(K * (D + 1), c))  # [K, D + 1, c]
         if resp is None:
-            norm, r, entropy = normalise_log_joint(torch.add(log_const, squared_norms(y), alpha=-0.5), dim=1)
-            log_norm += norm.sum(dtype=torch.float64)  # norm [c, 1], r [c, K]
+            distances = squared_norms(y, scratch[:size].view(K, D + 1, c))  # [K, c]
+            norm, r, entropy = normalise_log_joint(torch.add(log_const, distances, alpha=-0.5), dim=0)
+            log_norm += norm.sum(dtype=torch.float64)  # norm [1, c], r [K, c]
             r_log_r += entropy
         else:
-            r = resp[start:start + c]  # [c, K]
+            r = resp[start:start + c].T  # [K, c]
             r_log_r += torch.special.xlogy(r, r).sum(dtype=torch.float64)
-        nk += r.sum(0, dtype=torch.float64)
-        root_y = y.mul_(r.sqrt().unsqueeze(-1))  # sum r [y,1][y,1]^T = (sqrt(r) [y,1])^T (sqrt(r) [y,1])
-        left, right = root_y.permute(1, 2, 0), root_y.permute(1, 0, 2)  # [K, D + 1, c], [K, c, D + 1]
+        nk += r.sum(1, dtype=torch.float64)
+        root_y = y.mul_(r.sqrt().unsqueeze(1))  # sum r [y,1][y,1]^T = (sqrt(r) [y,1]) (sqrt(r) [y,1])^T
         if X.dtype == torch.float64:
-            top.baddbmm_(left[:, :h], right)
-            bottom.baddbmm_(left[:, h:], right[:, :, h:])
+            top.baddbmm_(root_y[:, :h], root_y.mT)
+            bottom.baddbmm_(root_y[:, h:], root_y[:, h:].mT)
         else:
-            top += torch.bmm(left[:, :h], right, out=top_chunk)  # [K, h, D + 1]
-            bottom += torch.bmm(left[:, h:], right[:, :, h:], out=bottom_chunk)  # [K, D + 1 - h, D + 1 - h]
+            top += torch.bmm(root_y[:, :h], root_y.mT, out=top_chunk)  # [K, h, D + 1]
+            bottom += torch.bmm(root_y[:, h:], root_y[:, h:].mT, out=bottom_chunk)  # [K, D + 1 - h, D + 1 - h]
     sums[:, h:, :h] = sums[:, :h, h:].mT
     return SweepStats(log_norm, r_log_r, nk, sums[:, :D, D], sums[:, :D, :D])
 
