@@ -210,6 +210,8 @@ class Trainer:
         mine = json.loads(json.dumps(self.run_config()))  # tuples -> lists, as saved
         for key in ("model", "model_config", "data"):
             theirs = saved.get(key)
+            if key == "model_config" and isinstance(theirs, dict):  # options added since the run was saved
+                theirs = {**json.loads(json.dumps(_option_defaults(type(self.model.config)))), **theirs}
             if isinstance(theirs, dict) and isinstance(mine[key], dict):
                 differ = sorted(k for k in set(theirs) | set(mine[key]) if theirs.get(k) != mine[key].get(k))
                 if differ:
@@ -678,6 +680,18 @@ class MetricTotals:
             values = totals.tolist()
             return {k: v / c for k, v, c in zip(keys, values[:len(keys)], values[len(keys):]) if c}
         return {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k]}
+
+
+def _option_defaults(config_class) -> dict:
+    """The default of every field of a config dataclass that has one (what a run saved before the field existed
+    trained with)."""
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 def _is_run_config(path: Path) -> bool:

@@ -62,6 +62,20 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path):
     assert (run / runs.WEIGHTS).read_bytes() == before
 
 
+def test_resume_accepts_a_run_saved_before_an_option_existed(tmp_path):
+    """A model option added later (with its default) must not make older runs unresumable: the saved config
+    lacks the key, and the run trained with what is now the default."""
+    run = pipeline.train("autoencoder", "digits", out=tmp_path / "r", epochs=1, **FAST)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_config"].pop("input_dropout") == 0.0
+    (run / "config.json").write_text(json.dumps(config))
+    pipeline.train("autoencoder", "digits", out=run, epochs=2, resume=True, **FAST)
+    records, _ = runs.read_metrics(run / runs.METRICS)
+    assert [r["epoch"] for r in records if r.get("split") == "train"] == [1, 2]
+    with pytest.raises(CheckpointError, match="input_dropout differs"):  # a non-default value still differs
+        pipeline.train("autoencoder", "digits", out=run, epochs=3, resume=True, **dict(FAST, input_dropout=0.2))
+
+
 class _DivergingVAE(VAE):
     """A VAE whose loss becomes NaN from the given step on."""
 
