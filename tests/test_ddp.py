@@ -10,7 +10,8 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from elbolab.models import ModelConfig, build_model
+from elbolab.models import build_model
+from elbolab.models.autoencoder import AutoencoderConfig
 
 ARGS = ["train", "autoencoder", "--epochs", "2", "--batch-size", "32", "--hidden", "8", "--latent-dim", "2",
         "--likelihood", "gaussian", "--no-progress", "--no-tensorboard"]
@@ -49,7 +50,7 @@ def test_two_process_ddp_matches_one_process(small_npy, tmp_path):
     a = _assert_same_run(one, two)
     # training moved the weights far more than that tolerance, so the comparison is meaningful
     torch.manual_seed(0)  # the initialisation pipeline.train uses for seed 0
-    init = build_model("autoencoder", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    init = build_model("autoencoder", AutoencoderConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="gaussian"))
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items())
     assert moved > 1e-3
 

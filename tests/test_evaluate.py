@@ -30,6 +30,7 @@ from elbolab.evaluate import (
     plan_chunks,
 )
 from elbolab.models import ModelConfig, build_model
+from elbolab.models.autoencoder import AutoencoderConfig
 from elbolab.objectives import iwae_bound
 from elbolab.schedules import StepContext
 
@@ -386,7 +387,8 @@ def test_evaluate_model_draws_one_binarisation_with_the_seed():
 
 
 def test_autoencoder_and_bad_input_raise_one_clear_error(ppca, data):
-    autoencoder = build_model("autoencoder", ModelConfig(input_dim=D, latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    config = AutoencoderConfig(input_dim=D, latent_dim=2, hidden=(8,), likelihood="gaussian")
+    autoencoder = build_model("autoencoder", config)
     with pytest.raises(ElbolabError, match="autoencoder has no likelihood"):
         evaluate_model(autoencoder, ArrayData(data), k=5)
     with pytest.raises(ElbolabError, match="autoencoder has no likelihood"):

@@ -11,6 +11,7 @@ from elbolab import runs
 from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.likelihoods import build_likelihood
 from elbolab.models import ModelConfig, available_models, build_model, register_model
+from elbolab.models.autoencoder import AutoencoderConfig
 from elbolab.models.vae import VAE
 from elbolab.schedules import StepContext
 
@@ -59,16 +60,38 @@ def test_every_vae_configuration_trains_one_step(arch, likelihood, covariance):
 def test_autoencoder_losses_are_ce_and_sse():
     torch.manual_seed(0)
     x = torch.rand(5, 16)
-    ce = build_model("autoencoder", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="bernoulli"))
+    ce = build_model("autoencoder", AutoencoderConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="bernoulli"))
     logits = ce.decoder(ce.encoder(x))
     torch.testing.assert_close(ce(x).loss, F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / 5)
     # notes 004: SSE = 1/2 sum (x - x_hat)^2, the negative log-likelihood of N(x_hat, I) less its constant
-    sse = build_model("autoencoder", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    sse = build_model("autoencoder", AutoencoderConfig(input_dim=16, latent_dim=2, hidden=(8,), likelihood="gaussian"))
     x_hat = sse.decoder(sse.encoder(x))
     gaussian_nll = -Normal(x_hat, 1.0).log_prob(x).sum(-1) - 16 / 2 * math.log(2 * math.pi)  # [5]
     torch.testing.assert_close(sse(x).loss, gaussian_nll.mean())
     with pytest.raises(NotImplementedError, match="no q"):
         sse.encode(x)
+
+
+def test_denoising_autoencoder_corrupts_the_input_in_training_only():
+    torch.manual_seed(0)
+    x = torch.rand(8, 500) + 0.1  # no zero features: a zero at the encoder's input is a dropped one
+    model = build_model("autoencoder", AutoencoderConfig(input_dim=500, latent_dim=2, hidden=(8,), input_dropout=0.3))
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    loss = model(x).loss  # a fresh module is in training mode
+    x_in = seen[-1]
+    dropped = x_in == 0
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    torch.testing.assert_close(x_in[~dropped], x[~dropped] / 0.7)  # survivors rescaled, as dropout does
+    logits = model.decoder(model.encoder(x_in))
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / 8)  # clean target
+    model.eval()
+    model(x)
+    torch.testing.assert_close(seen[-1], x, rtol=0, atol=0)
+    torch.testing.assert_close(model.latent_means(x)["z"], model.encoder(x))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ElbolabError, match="input_dropout"):
+            AutoencoderConfig(input_dim=5, input_dropout=bad)
 
 
 def test_registry():

@@ -4,23 +4,43 @@ Loss per example: cross-entropy  -sum_d [x_d log x_hat_d + (1 - x_d) log(1 - x_h
 likelihood ("CE"), or the sum of squared errors  1/2 sum_d (x_d - x_hat_d)^2  for ``gaussian`` ("SSE", notes 004).
 There is no prior and no posterior, hence no ELBO: sampling decodes z ~ N(0, I), which shows why a plain
 autoencoder is not a generative model (its codes need not fill that region).
+
+``input_dropout`` > 0 makes it a denoising autoencoder (Vincent et al. 2010): in training the encoder sees x with
+that fraction of its features zeroed (dropout, survivors scaled by 1 / (1 - p)) and the loss reconstructs the clean
+x. DEC's pretraining (Xie et al. 2016), which VaDE's authors reused, corrupted with dropout 0.2. The code f(x) and
+every evaluation use the clean x.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
-from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig
+from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
 from elbolab.schedules import StepContext
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(ModelConfig):
+    input_dropout: float = option(0.0, "denoising: the fraction of input features dropped in training (DEC: 0.2)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ElbolabError(f"autoencoder: expected 0 <= input_dropout < 1 (e.g. 0.2), got {self.input_dropout!r}")
 
 
 @register_model("autoencoder")
 class Autoencoder(LatentVariableModel):
     """Deterministic encoder and decoder; CE (bernoulli) or SSE (gaussian) reconstruction loss."""
+
+    config_class = AutoencoderConfig
 
     def build_encoder(self, config: ModelConfig) -> nn.Module:
         if config.likelihood not in ("bernoulli", "gaussian"):
@@ -41,7 +61,8 @@ class Autoencoder(LatentVariableModel):
         return None
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
-        out = self.decoder(self.encoder(batch.x))  # [B, D]
+        x_in = F.dropout(batch.x, self.config.input_dropout, training=self.training)  # clean x outside training
+        out = self.decoder(self.encoder(x_in))  # [B, D]
         if self.config.likelihood == "bernoulli":
             per_example = -self.likelihood_head(out).log_prob(batch.x)  # binary cross-entropy, summed over pixels
         else:
