@@ -35,11 +35,18 @@ PAPER = {"GMM (pixels)": 53.73, "AE + GMM": 82.18, "VAE + GMM": 72.94, "VaDE": 9
 ARCH = dict(hidden=(500, 500, 2000), latent_dim=10)
 
 
-def fit_gmm(features: np.ndarray, seed: int, covariance: str, n_init: int):
+def fit_gmm(features: np.ndarray, seed: int, covariance: str, n_init: int, selection: str = "likelihood"):
+    """EM with n_init restarts; the one kept has the highest likelihood or (``information``) the highest I(x; c)."""
     from elbolab.classical import GaussianMixture
+    from elbolab.classical.information import mutual_information
 
-    return GaussianMixture(10, covariance_type=covariance, random_state=seed, n_init=n_init, max_iter=200,
-                           reg_covar=1e-4).fit(features)
+    if selection == "likelihood":
+        return GaussianMixture(10, covariance_type=covariance, random_state=seed, n_init=n_init, max_iter=200,
+                               reg_covar=1e-4).fit(features)
+    rng = np.random.RandomState(seed)
+    fits = [GaussianMixture(10, covariance_type=covariance, random_state=rng, max_iter=200, reg_covar=1e-4)
+            .fit(features) for _ in range(n_init)]
+    return max(fits, key=lambda fit: mutual_information(fit.predict_proba(features)))
 
 
 def scores(train_y, train_c, test_y, test_c) -> dict:
@@ -106,15 +113,17 @@ def run_seed(args, seed: int) -> dict:
         if epochs == 0:
             continue
         t0 = time.perf_counter()
-        run = train(model_name, work / model_name, epochs=epochs, lr=args.lr, batch_size=args.batch_size)
+        denoise = model_name == "autoencoder" and args.pretrain_dropout > 0
+        extra = {"input_dropout": args.pretrain_dropout} if denoise else {}
+        run = train(model_name, work / model_name, epochs=epochs, lr=args.lr, batch_size=args.batch_size, **extra)
         model, _ = runs.load_run(run)
         with torch.no_grad():
             z_train = torch.cat([model.latent_means(x_train[i:i + 1000])["z"] for i in range(0, len(x_train), 1000)])
             z_test = torch.cat([model.latent_means(x_test[i:i + 1000])["z"] for i in range(0, len(x_test), 1000)])
-        gmm = fit_gmm(z_train.double().numpy(), seed, args.latent_covariance, args.gmm_n_init)
+        gmm = fit_gmm(z_train.double().numpy(), seed, args.latent_covariance, args.gmm_n_init, args.gmm_selection)
         out[name] = scores(y_train, gmm.predict(z_train.double().numpy()), y_test, gmm.predict(z_test.double().numpy()))
         if args.latent_covariance != "full":  # the same codes under a full-covariance GMM, for comparison
-            gmm = fit_gmm(z_train.double().numpy(), seed, "full", args.gmm_n_init)
+            gmm = fit_gmm(z_train.double().numpy(), seed, "full", args.gmm_n_init, args.gmm_selection)
             out[f"{name}, full covariances"] = scores(y_train, gmm.predict(z_train.double().numpy()), y_test,
                                                       gmm.predict(z_test.double().numpy()))
         times[name] = time.perf_counter() - t0
@@ -125,6 +134,7 @@ def run_seed(args, seed: int) -> dict:
         t0 = time.perf_counter()
         run = train("vade", work / f"vade-{covariance}", epochs=args.epochs, lr=2e-3, batch_size=100,
                     init_from=work / "autoencoder", schedules=lr_schedule(), gmm_n_init=args.gmm_n_init,
+                    gmm_selection=args.gmm_selection,
                     gmm_covariance=covariance)
         model, _ = runs.load_run(run)
         out[name] = scores(y_train, model.predict(x_train).numpy(), y_test, model.predict(x_test).numpy())
@@ -146,12 +156,17 @@ def main() -> None:
     parser.add_argument("--vade-covariance", nargs="+", default=["diag"], choices=["diag", "full"],
                         help="VaDE's prior covariances, each a VaDE run from the same autoencoder (the paper: diag)")
     parser.add_argument("--pretrain-epochs", type=int, default=50, help="autoencoder epochs")
+    parser.add_argument("--pretrain-dropout", type=float, default=0.0,
+                        help="denoising pretraining: the autoencoder's input_dropout (DEC: 0.2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AE and VAE learning rate")
     parser.add_argument("--batch-size", type=int, default=256, help="AE and VAE batch size")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--pixel-covariance", default="diag", help="GMM on pixels: diag (full is 784x784 x 10)")
     parser.add_argument("--latent-covariance", default="diag", help="GMM on latent means: diag | full")
     parser.add_argument("--gmm-n-init", type=int, default=1)
+    parser.add_argument("--gmm-selection", default="likelihood", choices=["likelihood", "information"],
+                        help="which EM restart every GMM keeps (on codes and VaDE's prior): the likeliest or the one "
+                             "with the highest I(x; c)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-pixel-gmm", action="store_true", help="no GMM on pixels (minutes per seed)")
     parser.add_argument("--resume", action="store_true",
@@ -189,9 +204,12 @@ def main() -> None:
 
 def report(args, info: dict, results: dict, wall: float, parallel: int = 1) -> None:
     vae_epochs = args.epochs if args.vae_epochs is None else args.vae_epochs
+    denoising = f" (denoising, input dropout {args.pretrain_dropout})" if args.pretrain_dropout else ""
     budget = (f"train images {args.train_size or 'all'}, VaDE epochs {args.epochs}, VAE epochs {vae_epochs}, AE epochs "
-              f"{args.pretrain_epochs}, seeds {sorted(results)}, VaDE lr schedule {lr_schedule() or 'constant 2e-3'}; "
-              f"GMMs: {args.gmm_n_init} EM restart(s), {args.latent_covariance} covariances on codes; VaDE prior "
+              f"{args.pretrain_epochs}{denoising}, seeds {sorted(results)}, VaDE lr schedule "
+              f"{lr_schedule() or 'constant 2e-3'}; "
+              f"GMMs: {args.gmm_n_init} EM restart(s) chosen by {args.gmm_selection}, {args.latent_covariance} "
+              "covariances on codes; VaDE prior "
               f"covariances {' and '.join(args.vade_covariance)}")
     lines = common.header_lines("Clustering MNIST (VaDE, Jiang et al. 2017)", info,
                                 {"budget": budget, "wall time": f"{wall / 60:.1f} min" + (

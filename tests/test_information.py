@@ -89,3 +89,24 @@ def test_binary_entropy_maximum_at_one_half():
 def test_bad_input_raises_one_clear_error(call, match):
     with pytest.raises(ElbolabError, match=match):
         call()
+
+
+def test_mutual_information_is_the_mean_kl_to_the_marginal_and_sklearn_on_hard_assignments():
+    from sklearn.metrics import mutual_info_score
+
+    from elbolab.classical.information import mutual_information
+
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.full(4, 0.5), size=50)  # [N, K] soft assignments
+    marginal = q.mean(0)
+    expected = np.mean([kl_divergence(row, marginal) for row in q])  # I(x; c) = E_x KL(q(c|x) || q(c))
+    assert mutual_information(q) == pytest.approx(expected, rel=1e-12)
+    assert mutual_information(q, base=2) == pytest.approx(expected / math.log(2), rel=1e-12)
+    # one-hot rows: I(x; c) = H(c), the entropy of the cluster sizes (sklearn, x = the row index)
+    clusters = rng.integers(0, 3, size=40)
+    one_hot = np.eye(3)[clusters]
+    assert mutual_information(one_hot) == pytest.approx(mutual_info_score(np.arange(40), clusters), rel=1e-12)
+    assert mutual_information(np.eye(5)) == pytest.approx(math.log(5))  # confident and balanced: the maximum
+    assert mutual_information(np.tile(q[:1], (10, 1))) == pytest.approx(0.0, abs=1e-12)  # rows all alike
+    with pytest.raises(ElbolabError, match=r"\[N, K\]"):
+        mutual_information(q[0])

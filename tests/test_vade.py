@@ -146,6 +146,32 @@ def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits, covariance):
     assert np.abs(gmm.means_).max() <= np.abs(means).max()
 
 
+@pytest.mark.parametrize("selection", ["likelihood", "information"])
+def test_prepare_keeps_the_restart_chosen_by_likelihood_or_information(digits, selection):
+    from elbolab.classical import GaussianMixture
+    from elbolab.classical.information import mutual_information
+
+    torch.manual_seed(0)
+    model = get_model_class("vade")(VaDEConfig(input_dim=64, latent_dim=3, hidden=(16,), n_clusters=5,
+                                               gmm_n_init=4, gmm_selection=selection))
+    train = digits.train
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    model.prepare(train, StepContext())
+    torch.set_rng_state(state)
+    seed = int(torch.randint(2**31 - 1, ()))
+    with torch.no_grad():
+        means = model.encode(train.batch(torch.arange(len(train))).x).mean.double().numpy()
+    rng = np.random.RandomState(seed)
+    fits = [GaussianMixture(5, covariance_type="diag", max_iter=200, random_state=rng).fit(means) for _ in range(4)]
+    information = [mutual_information(fit.predict_proba(means)) for fit in fits]
+    likelihood = [fit.lower_bound_ for fit in fits]  # EM's n_init keeps the highest
+    chosen = fits[int(np.argmax(information if selection == "information" else likelihood))]
+    np.testing.assert_allclose(model.prior().component_distribution.mean.detach().numpy(), chosen.means_, rtol=1e-4,
+                               atol=1e-5)
+    assert np.argmax(information) != np.argmax(likelihood)  # the two criteria disagree here: the choice is tested
+
+
 def test_load_pretrained_maps_an_autoencoder_encoder():
     config = dict(input_dim=64, latent_dim=3, hidden=(16, 8))
     torch.manual_seed(0)

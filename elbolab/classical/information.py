@@ -7,6 +7,7 @@ leading axes are a batch and give one value per distribution. ``0 log 0 = 0``. V
     H(p)       = -sum_i p_i log p_i
     H(p, q)    = -sum_i p_i log q_i            (inf if some q_i = 0 where p_i > 0)
     KL(p || q) =  sum_i p_i log(p_i / q_i) = H(p, q) - H(p) >= 0     (Gibbs' inequality: H(p, q) >= H(p))
+    I(x; c)    =  H(mean_n q_n) - mean_n H(q_n) = mean_n KL(q_n || mean_m q_m)   (rows q_n = q(c | x_n))
 """
 
 from __future__ import annotations
@@ -85,3 +86,15 @@ def binary_entropy(p, base: float | None = None):
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         raise ElbolabError(f"p must be probabilities in [0, 1], got values from {np.nanmin(p)!r} to {np.nanmax(p)!r}.")
     return _scale(-(xlogy(p, p) + xlogy(1.0 - p, 1.0 - p)), base)
+
+
+def mutual_information(assignments, base: float | None = None) -> float:
+    """``I(x; c)`` between a data set (x uniform over the rows) and soft cluster assignments ``q(c | x_n)``, the rows
+    of ``assignments`` [N, K]: ``H(mean_n q_n) - mean_n H(q_n)``. At most ``log K``, reached by confident (one-hot)
+    and balanced assignments; 0 when every row is the same. Unsupervised, it ranks clusterings of the same data
+    (the information-maximisation criterion of Krause, Perona & Gomes 2010)."""
+    q = _as_distribution(assignments, "assignments")
+    if q.ndim != 2:
+        raise ElbolabError(f"assignments must be a [N, K] array of rows q(c|x), got shape {q.shape}.")
+    marginal = q.mean(axis=0)
+    return _scale(-xlogy(marginal, marginal).sum() + xlogy(q, q).sum(axis=1).mean(), base)
