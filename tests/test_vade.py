@@ -265,3 +265,35 @@ def test_prepare_refuses_fewer_examples_than_clusters(digits):
     tiny = replace(digits.train, x=digits.train.x[:5], y=digits.train.y[:5], source_index=None)
     with pytest.raises(ElbolabError, match="at least n_clusters=10"):
         model.prepare(tiny, StepContext())
+
+
+def test_cluster_scatter_gives_each_cluster_the_colour_of_its_matched_class(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from elbolab.figures import clusters as cluster_figs
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 30)
+    permuted = np.array([2, 0, 1])[labels]  # cluster ids are the classes renamed: 0 -> 2, 1 -> 0, 2 -> 1
+    permuted[:3] = 0  # a few errors, the matching unchanged
+    z = rng.normal(size=(90, 2)) + 5 * labels[:, None]
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return original(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep)
+        cluster_figs.plot_cluster_scatter(z, permuted, labels, tmp_path / "scatter.png")
+    by_cluster, by_label = captured["fig"].axes[:2]
+    cluster_colour = {c.get_label(): tuple(c.get_facecolor()[0]) for c in by_cluster.collections}
+    label_colour = {c.get_label(): tuple(c.get_facecolor()[0]) for c in by_label.collections}
+    assert set(cluster_colour) == {"2 -> 0", "0 -> 1", "1 -> 2"}
+    for name, colour in cluster_colour.items():
+        assert colour == label_colour[name.split(" -> ")[1]]
+    assert len(set(cluster_colour.values())) == 3

@@ -19,14 +19,18 @@ N_POINTS = 2000  # test examples in the scatter and the confusion matrix figures
 SNAPSHOTS = "snapshots"  # run_dir/figures/snapshots/epoch_XXXX.safetensors
 
 
-def _scatter_panel(ax, coords: np.ndarray, values: np.ndarray, title: str, legend_title: str | None) -> None:
+def _scatter_panel(ax, coords: np.ndarray, values: np.ndarray, title: str, legend_title: str | None,
+                   colours: dict | None = None, names: dict | None = None) -> None:
+    """One panel, a colour per value: ``colours`` {value: colour index} (default: in sorted order), ``names``
+    {value: legend text}."""
     classes = np.unique(values)
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colours = colours or {int(cls): i for i, cls in enumerate(classes)}
+    cmap = plt.get_cmap("tab10" if max(colours.values()) < 10 else "tab20")
     size = 10 if len(coords) <= 2000 else 4
-    for i, cls in enumerate(classes):
+    for cls in classes:
         mask = values == cls
-        ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, linewidths=0, color=cmap(i % cmap.N),
-                   label=str(int(cls)))
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, linewidths=0,
+                   color=cmap(colours[int(cls)] % cmap.N), label=(names or {}).get(int(cls), str(int(cls))))
     if legend_title is not None and len(classes) <= 20:
         ax.legend(title=legend_title, fontsize=8, markerscale=2, loc="best", framealpha=0.8,
                   ncol=1 if len(classes) <= 10 else 2)
@@ -36,16 +40,27 @@ def _scatter_panel(ax, coords: np.ndarray, values: np.ndarray, title: str, legen
 
 def plot_cluster_scatter(z, clusters, labels, path, *, title: str | None = None) -> Path:
     """Latent codes [N, d] (PCA to 2-D when d > 2) side by side: coloured by predicted cluster, and by label (the
-    second panel only when labels [N] are given). The same projection in both panels."""
+    second panel only when labels [N] are given). The same projection in both panels; with labels, a cluster takes
+    the colour of the class it is matched to (Hungarian matching), so that the panels read side by side."""
     coords, description = project_2d(z)  # [N, 2]
     predicted, _ = _label_vector(clusters, len(coords), "cluster")
-    panels = [(predicted, "predicted cluster", "cluster")]
+    panels = [(predicted, "predicted cluster", "cluster", None, None)]
     if labels is not None:
-        panels.append((_label_vector(labels, len(coords), "label")[0], "true label", "label"))
+        from elbolab.clustering import match_clusters
+
+        true = _label_vector(labels, len(coords), "label")[0]
+        class_colours = {int(c): i for i, c in enumerate(np.unique(true))}
+        matched = match_clusters(true, predicted)  # {cluster: class}
+        unmatched = [int(c) for c in np.unique(predicted) if int(c) not in matched]
+        colours = {clu: class_colours[cls] for clu, cls in matched.items()}
+        colours.update({clu: len(class_colours) + i for i, clu in enumerate(unmatched)})
+        names = {clu: f"{clu} -> {cls}" for clu, cls in matched.items()}
+        panels = [(predicted, "predicted cluster (colour of its matched class)", "cluster -> class", colours, names),
+                  (true, "true label", "label", class_colours, None)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 5.4), dpi=100, squeeze=False)
     is_pca = description.startswith("PCA")
-    for ax, (values, what, legend) in zip(axes[0], panels):
-        _scatter_panel(ax, coords, values, f"coloured by {what}", legend)
+    for ax, (values, what, legend, colours, names) in zip(axes[0], panels):
+        _scatter_panel(ax, coords, values, f"coloured by {what}", legend, colours, names)
         ax.set_xlabel("PC 1" if is_pca else "z0")
         ax.set_ylabel("PC 2" if is_pca else "z1")
     fig.suptitle(title or f"Latent means E_q[z]: {description}", fontsize=12)
