@@ -37,16 +37,10 @@ ARCH = dict(hidden=(500, 500, 2000), latent_dim=10)
 
 def fit_gmm(features: np.ndarray, seed: int, covariance: str, n_init: int, selection: str = "likelihood"):
     """EM with n_init restarts; the one kept has the highest likelihood or (``information``) the highest I(x; c)."""
-    from elbolab.classical import GaussianMixture
-    from elbolab.classical.information import mutual_information
+    from elbolab.models.vade import fit_gmm as fit
 
-    if selection == "likelihood":
-        return GaussianMixture(10, covariance_type=covariance, random_state=seed, n_init=n_init, max_iter=200,
-                               reg_covar=1e-4).fit(features)
-    rng = np.random.RandomState(seed)
-    fits = [GaussianMixture(10, covariance_type=covariance, random_state=rng, max_iter=200, reg_covar=1e-4)
-            .fit(features) for _ in range(n_init)]
-    return max(fits, key=lambda fit: mutual_information(fit.predict_proba(features)))
+    return fit(features, 10, covariance=covariance, n_init=n_init, selection=selection, seed=seed, max_iter=200,
+               reg_covar=1e-4)
 
 
 def scores(train_y, train_c, test_y, test_c) -> dict:

@@ -87,6 +87,24 @@ def vade_kl(q: Independent, prior, log_gamma: torch.Tensor) -> tuple[torch.Tenso
     return kl_z, kl_c
 
 
+def fit_gmm(codes, n_clusters: int, *, covariance: str, n_init: int, selection: str, seed: int, **options):
+    """EM (``elbolab.classical.GaussianMixture``) on codes [N, d] with ``n_init`` restarts, keeping the likeliest
+    (``selection="likelihood"``) or the one with the highest I(z; c) (``"information"``; see ``VaDE.prepare``)."""
+    import numpy as np
+
+    from elbolab.classical import GaussianMixture
+    from elbolab.classical.information import mutual_information
+
+    def em(restarts: int, random_state):
+        return GaussianMixture(n_clusters, covariance_type=covariance, n_init=restarts, random_state=random_state,
+                               **options).fit(codes)
+
+    if selection == "likelihood":
+        return em(n_init, seed)
+    rng = np.random.RandomState(seed)  # one stream for all restarts, as EM's own n_init
+    return max((em(1, rng) for _ in range(n_init)), key=lambda fit: mutual_information(fit.predict_proba(codes)))
+
+
 @register_model("vade")
 class VaDE(LatentVariableModel):
     """VAE with a learnable Gaussian-mixture prior, trained on the VaDE ELBO; clusters are argmax q(c|x)."""
@@ -151,23 +169,14 @@ class VaDE(LatentVariableModel):
         two digits and splits another (BENCHMARKS.md)."""
         if not self.config.gmm_init:
             return
-        import numpy as np
-
-        from elbolab.classical import GaussianMixture
-        from elbolab.classical.information import mutual_information
-
         means = self.encoder_means(train).double().numpy()  # [N, d]
         if len(means) < self.config.n_clusters:
             raise ElbolabError(f"vade: expected at least n_clusters={self.config.n_clusters} training examples to "
                                f"initialise the prior, got {len(means)}; use more data or fewer clusters")
         seed = int(torch.randint(2**31 - 1, ()))
-        by_information = self.config.gmm_selection == "information"
-        rng = np.random.RandomState(seed)  # shared by the restarts, as EM's own n_init does
-        fits = [GaussianMixture(self.config.n_clusters, covariance_type=self.config.gmm_covariance,
-                                n_init=1 if by_information else self.config.gmm_n_init,
-                                max_iter=self.config.gmm_max_iter, random_state=rng).fit(means)
-                for _ in range(self.config.gmm_n_init if by_information else 1)]
-        gmm = max(fits, key=lambda fit: mutual_information(fit.predict_proba(means))) if by_information else fits[0]
+        c = self.config
+        gmm = fit_gmm(means, c.n_clusters, covariance=c.gmm_covariance, n_init=c.gmm_n_init,
+                      selection=c.gmm_selection, seed=seed, max_iter=c.gmm_max_iter)
         self.set_prior(gmm.weights_, gmm.means_, gmm.covariances_)
 
     def set_prior(self, weights, means, covariances) -> None:
