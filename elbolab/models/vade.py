@@ -14,8 +14,9 @@ responsibilities of the GMM prior at a sample z ~ q(z|x): gamma_c = p(c|z) (Jian
 on z it lower-bounds the ELBO with the marginal mixture prior, E_q[log p(x|z) + log p(z) - log q(z|x)], by exactly
 E_q(z|x) KL(q(c|x) || p(c|z)) >= 0. The prior is ``elbolab.networks.MixturePrior`` (a MixtureSameFamily), fitted
 before training by EM on the encoder means (``prepare``, ``elbolab.classical.GaussianMixture``, with the prior's
-covariances), usually after ``init_from`` a pretrained ``autoencoder`` run (``load_pretrained`` maps its encoder
-body and code layer onto the encoder body and mean head). A cluster is argmax_c q(c|x) at z = mu~(x).
+covariances; of several restarts the likeliest, or with ``gmm_selection=information`` the most informative),
+usually after ``init_from`` a pretrained ``autoencoder`` run (``load_pretrained`` maps its encoder body and code
+layer onto the encoder body and mean head). A cluster is argmax_c q(c|x) at z = mu~(x).
 """
 
 from __future__ import annotations
