@@ -405,7 +405,7 @@ def test_cli_bad_input_fails_with_a_clear_message(tmp_path):
 def test_chunked_whitened_sweep_matches_dense_float64_statistics(monkeypatch, cov_type, dtype, tol):
     """The fast E-step (one GEMM per chunk for all K, fp32 GEMMs with fp64 sums) against a dense float64
     reference written from scipy's Gaussian log-density, over many chunks and a ragged last chunk."""
-    from scipy.special import logsumexp, softmax
+    from scipy.special import logsumexp, softmax, xlogy
     from scipy.stats import multivariate_normal
 
     import elbolab.classical._mixture_common as common
@@ -435,6 +435,14 @@ def test_chunked_whitened_sweep_matches_dense_float64_statistics(monkeypatch, co
         got = getattr(stats, name).double().numpy()
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * np.abs(expected).max(), err_msg=name)
+    # the same sums from given responsibilities (the M-step of an initialisation), with their entropy term
+    given = common.sweep(as_t(X), comps, resp=as_t(resp))
+    for name in ("nk", "first", "second"):
+        expected = reference[name]
+        np.testing.assert_allclose(getattr(given, name).double().numpy(), expected, rtol=tol,
+                                   atol=tol * np.abs(expected).max(), err_msg=f"{name} from resp")
+    expected_entropy = xlogy(resp, resp).sum()
+    assert float(given.r_log_r) == pytest.approx(expected_entropy, rel=tol * 10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
