@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     common.set_threads(args.threads)
-    from elbolab import pipeline, runs
+    from elbolab import loading, pipeline
     from elbolab.classical import GaussianMixture
     from elbolab.clustering import clustering_scores
     from elbolab.data import load_data
@@ -55,7 +55,7 @@ def main() -> None:
             pipeline.train("autoencoder", "mnist", out=out, epochs=epochs, overwrite=True, **options)
         else:
             pipeline.train(out=out, resume=True, epochs=epochs)
-        model, _ = runs.load_run(out)
+        model, _ = loading.load_run(out)
         with torch.no_grad():
             codes = torch.cat([model.latent_means(x[s:s + 1000])["z"] for s in range(0, len(x), 1000)])
         codes = codes.double().numpy()

@@ -19,14 +19,14 @@ from pathlib import Path
 import _common as common
 import torch
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline
 from elbolab.data import load_data
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.inference import local_elbo
 
 
 def score(run: Path, test_batch, k: int) -> tuple[float, float]:
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

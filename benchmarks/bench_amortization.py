@@ -29,8 +29,8 @@ from pathlib import Path
 import _common as common
 import torch
 
-from elbolab import pipeline, runs
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab import loading, pipeline
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.inference import fit_local_posterior, local_elbo
 
 MNIST = Path("/work/shared/data/mnist")
@@ -69,9 +69,9 @@ def main() -> None:
     else:
         run = Path(args.run)
     train_seconds = time.perf_counter() - started
-    model, config = runs.load_run(run)
+    model, config = loading.load_run(run)
     model.eval()
-    test = pipeline._load_splits(config["data"]).test
+    test = loading.load_run_data(config["data"]).test
     batch = test.batch(torch.arange(min(args.images, len(test))), torch.Generator().manual_seed(0))
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):

@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from elbolab import pipeline, runs
+    from elbolab import loading, pipeline, runs
     from elbolab.data import load_data
     from elbolab.evaluate import evaluate_model, paired_difference
 
@@ -56,7 +56,7 @@ def main() -> None:
     test = splits.test.head(min(args.n_test, len(splits.test)))
     for name, run, precision in (("fp32-trained", "fp32", "fp32"), ("bf16-trained", "bf16", "fp32"),
                                  ("fp32-trained, bf16 eval", "fp32", "bf16")):
-        model, _ = runs.load_run(work / run)
+        model, _ = loading.load_run(work / run)
         started = time.perf_counter()
         result, estimates = evaluate_model(model, test, k=args.k, seed=0, return_per_example=True,
                                            precision=precision)

@@ -63,11 +63,11 @@ class TrainStep:
     """One step of the trainer's loop on a model of its own (eager or compiled)."""
 
     def __init__(self, model, compiled: bool, **options):
-        from elbolab.trainer import _adam
+        from elbolab.trainer import adam
 
         self.model = model
         self.module = torch.compile(model, **options) if compiled else model
-        self.opt = _adam(list(model.parameters()), {"lr": 1e-3})
+        self.opt = adam(list(model.parameters()), {"lr": 1e-3})
 
     def __call__(self, batch, ctx):
         self.opt.zero_grad(set_to_none=True)
@@ -175,7 +175,7 @@ def measure(args) -> list[str]:
                      common.fmt(K_CHUNK / med[name]) + " samples/s"])
 
     # ----- the evaluator end to end: elbolab eval's estimate, eager vs --compile (compile time included) -----
-    from elbolab.evaluate import importance_sampled_log_px
+    from elbolab.estimators import importance_sampled_log_px
 
     torch._dynamo.reset()
     images = Batch(x[:args.eval_images], index=torch.arange(args.eval_images))

@@ -61,7 +61,7 @@ def baseline_nll(net, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
 
 
 def run_quadrants(args, q: int) -> dict:
-    from elbolab import pipeline, runs
+    from elbolab import loading, pipeline
     from elbolab.data import load_data
     from elbolab.evaluate import evaluate_model
     from elbolab.models.cvae import quadrant_mask
@@ -79,7 +79,7 @@ def run_quadrants(args, q: int) -> dict:
                          figures=True, **ARCH)
     out["cvae_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     result = evaluate_model(model.eval(), test, k=args.k, seed=0)
     out["cvae_eval_s"] = time.perf_counter() - t0
     out.update(cvae_is_nll=-result["log_px"]["mean"], cvae_is_mc_stderr=result["log_px"]["mc_stderr"],

@@ -72,10 +72,11 @@ def reconstruction(model, data, seed: int) -> dict:
 
 
 def run_one(family: str, value: float, seed: int, splits, args) -> dict:
+    from elbolab.config import TrainConfig
     from elbolab.data.sprites import Sprites
     from elbolab.disentanglement import disentanglement_scores, model_encoder
     from elbolab.models import get_model_class
-    from elbolab.trainer import TrainConfig, Trainer
+    from elbolab.trainer import Trainer
 
     train, val, test = splits
     cls = get_model_class(family)

@@ -34,12 +34,12 @@ def kl_active_units(out: Path, args) -> tuple[dict, dict]:
     """Units whose mean KL term exceeds 0.01 nats, per layer, and each layer's KL (nats), on the evaluated test images
     (the evaluator's binarisation), each example's KL terms averaged over ``--kl-draws`` joint draws of q: the hvae's
     lower layers have one-draw estimates only (see elbolab/models/hvae.py), too noisy for a 0.01 threshold alone."""
-    from elbolab import runs
+    from elbolab import loading
     from elbolab.data import load_data
     from elbolab.data.core import Batch
     from elbolab.evaluate import kl_per_dimension
 
-    model, config = runs.load_run(out)
+    model, config = loading.load_run(out)
     info = config["data"]
     test = load_data(info["source"], data_dir=info.get("data_dir"), binarize=info["binarize"], seed=info["seed"],
                      val_size=info.get("val_size")).test.head(args.test_size)

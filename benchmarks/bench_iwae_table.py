@@ -93,7 +93,7 @@ def train_all(names: list[str], args, workdir: Path) -> dict[str, float]:
 
 
 def evaluate_all(names: list[str], args, workdir: Path) -> dict[str, dict]:
-    from elbolab import runs
+    from elbolab import loading
     from elbolab.data import load_data
     from elbolab.evaluate import evaluate_model
 
@@ -110,7 +110,7 @@ def evaluate_all(names: list[str], args, workdir: Path) -> dict[str, dict]:
         if not (run / "model.safetensors").exists():
             print(f"{name}: no trained model, skipped", flush=True)
             continue
-        model, _ = runs.load_run(run)
+        model, _ = loading.load_run(run)
         start = time.perf_counter()
         result, per_example = evaluate_model(model, test, k=args.eval_k, seed=0, return_per_example=True)
         result["eval_seconds"] = time.perf_counter() - start

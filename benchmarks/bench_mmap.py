@@ -44,7 +44,8 @@ def build_model():
 
 def train_epochs(data, epochs: int, scratch: Path, seed: int = 0, before_epoch=None) -> list[float]:
     """Seconds of each epoch of Trainer.fit(data, None) (checkpoint and metrics writes included)."""
-    from elbolab.trainer import TrainConfig, Trainer
+    from elbolab.config import TrainConfig
+    from elbolab.trainer import Trainer
 
     torch.manual_seed(seed)
     trainer = Trainer(build_model(), TrainConfig(epochs=epochs, batch_size=128, seed=seed, progress=False,

@@ -131,11 +131,11 @@ def pythae_eval_worker(args) -> None:
 
 def elbolab_eval_subset_worker(args) -> None:
     """Only for --n-test: the CLI evaluates the whole test set; this evaluates its first n images the same way."""
-    from elbolab import runs
-    from elbolab.evaluate import importance_sampled_log_px
+    from elbolab import loading
+    from elbolab.estimators import importance_sampled_log_px
 
     common.set_threads(args.threads_each)
-    model, _ = runs.load_run(Path(args.workdir) / "elbolab-run")
+    model, _ = loading.load_run(Path(args.workdir) / "elbolab-run")
     x = test_images(args, args.n_test)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -148,11 +148,11 @@ def elbolab_eval_subset_worker(args) -> None:
 def elbolab_per_example_worker(args) -> None:
     """Per-image log p(x) of the elbolab run, drawn exactly as `elbolab eval --seed S` draws them (the CLI keeps
     only the summary): lets the report pair the two libraries image by image."""
-    from elbolab import runs
-    from elbolab.evaluate import importance_sampled_log_px
+    from elbolab import loading
+    from elbolab.estimators import importance_sampled_log_px
 
     common.set_threads(args.threads_each)
-    model, _ = runs.load_run(Path(args.workdir) / "elbolab-run")
+    model, _ = loading.load_run(Path(args.workdir) / "elbolab-run")
     x = test_images(args, args.n_test)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)

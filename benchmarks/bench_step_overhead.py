@@ -119,7 +119,8 @@ def switched_off(parts: set[str]):
 
 
 def trainer_ms_per_step(train, x: torch.Tensor, parts: set[str], epochs: int) -> float:
-    from elbolab.trainer import TrainConfig, Trainer
+    from elbolab.config import TrainConfig
+    from elbolab.trainer import Trainer
 
     torch.manual_seed(0)
     config = TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, seed=0, progress=False, tensorboard=False)

@@ -64,7 +64,7 @@ def lr_schedule() -> dict:
 
 
 def run_seed(args, seed: int) -> dict:
-    from elbolab import pipeline, runs
+    from elbolab import loading, pipeline
     from elbolab.data import load_data
 
     splits = load_data("mnist", data_dir=args.data_dir, seed=seed, val_size=args.val_size) \
@@ -110,7 +110,7 @@ def run_seed(args, seed: int) -> dict:
         denoise = model_name == "autoencoder" and args.pretrain_dropout > 0
         extra = {"input_dropout": args.pretrain_dropout} if denoise else {}
         run = train(model_name, work / model_name, epochs=epochs, lr=args.lr, batch_size=args.batch_size, **extra)
-        model, _ = runs.load_run(run)
+        model, _ = loading.load_run(run)
         with torch.no_grad():
             z_train = torch.cat([model.latent_means(x_train[i:i + 1000])["z"] for i in range(0, len(x_train), 1000)])
             z_test = torch.cat([model.latent_means(x_test[i:i + 1000])["z"] for i in range(0, len(x_test), 1000)])
@@ -130,7 +130,7 @@ def run_seed(args, seed: int) -> dict:
                     init_from=work / "autoencoder", schedules=lr_schedule(), gmm_n_init=args.gmm_n_init,
                     gmm_selection=args.gmm_selection,
                     gmm_covariance=covariance)
-        model, _ = runs.load_run(run)
+        model, _ = loading.load_run(run)
         out[name] = scores(y_train, model.predict(x_train).numpy(), y_test, model.predict(x_test).numpy())
         times[name] = time.perf_counter() - t0  # after pretraining (counted in AE + GMM)
         print(f"seed {seed}: {name} done in {times[name]:.0f} s, accuracy {100 * out[name]['train']['accuracy']:.1f}% "

@@ -36,16 +36,6 @@ def _options(version: bool = typer.Option(False, "--version", callback=_print_ve
     """Variational inference and variational autoencoders, from the lecture notes to real data."""
 
 
-def _parse_hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise ElbolabError(f"expected --hidden as positive integers separated by commas, e.g. 400,400; got {text!r}")
-    return sizes
-
-
 def _parse_dims(text: str) -> list[int]:
     try:
         dims = [int(s) for s in text.split(",") if s.strip()]
@@ -73,39 +63,26 @@ def _parse_assignments(pairs: list[str], flag: str) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not sep or not key:
             raise ElbolabError(f"expected {flag} KEY=VALUE, got {pair!r}")
-        out[key.strip().replace("-", "_")] = value.strip()
+        if key in out and out[key] != value:
+            raise ElbolabError(f"{flag} {key} given twice ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
     return out
 
 
 def _parse_set(cls, pairs: list[str]) -> dict:
     """``--set key=value`` -> typed model options, by the model config's field types (listed by 'models NAME')."""
-    import typing
+    from elbolab.config import parse_option
 
-    fields = {f.name: f for f in cls.config_class.option_fields()}
-    hints = typing.get_type_hints(cls.config_class)
+    fields = {f.name for f in cls.config_class.option_fields()}
     options = {}
     for key, text in _parse_assignments(pairs, "--set").items():
         if key not in fields:
             raise ElbolabError(f"--set {key}: model {cls.registry_name!r} has no such option; expected one of "
                                f"{sorted(fields)} (see 'elbolab models {cls.registry_name}')")
-        kind = typing.get_origin(hints[key]) or hints[key]
-        try:
-            if kind is bool or hints[key] is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                options[key] = text.lower() in ("true", "1", "yes")
-            elif kind is int:
-                options[key] = int(text)
-            elif kind is float:
-                options[key] = float(text)
-            elif kind is tuple:
-                options[key] = _parse_hidden(text) if key == "hidden" else tuple(int(v) for v in text.split(","))
-            else:
-                options[key] = text
-        except ValueError:
-            raise ElbolabError(f"--set {key}: expected {getattr(kind, '__name__', kind)}, got {text!r}") from None
+        options[key] = parse_option(cls.config_class, key, text, flag=f"--set {key}")
     return options
 
 
@@ -166,41 +143,58 @@ def models_command(name: str = typer.Argument(None, help="a model name: list its
         typer.echo(f"  {f.name:20s} {kind:10s} default {f.default!r:12s} {f.metadata.get('help', '')}")
 
 
+# train's flags for the options every model config has (ModelConfig) and for the train and data settings: flag
+# parameter -> option name. A model's defaults are its own (``elbolab models NAME``); tests/test_cli.py checks that
+# every name here is a field of ModelConfig or TrainConfig, or a data option.
+MODEL_FLAGS = {"latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation", "arch": "architecture",
+               "likelihood": "likelihood", "sigma": "sigma", "encoder_covariance": "encoder_covariance"}
+TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "adam_eps": "adam_eps", "beta": "beta",
+               "kl_warmup": "kl_warmup_epochs", "mc_samples": "mc_samples", "seed": "seed",
+               "checkpoint_every": "checkpoint_every", "keep_best": "keep_best", "device": "device",
+               "precision": "precision"}
+DATA_FLAGS = {"binarize": "binarize", "val_size": "val_size", "train_size": "train_size", "data_dir": "data_dir"}
+MODEL_DEFAULT = "[default: the model's own; see 'elbolab models NAME']"
+
+
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    model: str = typer.Argument(None, help="registered model name (see 'elbolab models'); not needed with --resume"),
+    model: str = typer.Argument(None, help="registered model name (see 'elbolab models'); not needed with --resume "
+                                            "or --config"),
     out: Path = typer.Option(..., "--out", help="run folder to create (or continue with --resume)"),
-    data: str = typer.Option("digits", help="digits (built in), mnist, or a .npy/.npz/.csv file"),
-    data_dir: Path = typer.Option(None, "--data-dir", help="folder holding the MNIST IDX files"),
+    config: Path = typer.Option(None, "--config", help="settings from a TOML, JSON or YAML file (flat options, or a "
+                                                       "run's config.json to re-run it); flags given here win"),
+    data: str = typer.Option("digits", help="digits (built in, offline), mnist, sprites, dsprites, 20news, a "
+                                            ".npy/.npz/.csv file, a sparse document-term .npz, a folder of .txt "
+                                            "documents, or a folder written by elbolab.data.mmap"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="folder holding the data set's files (e.g. mnist/)"),
     binarize: str = typer.Option("none", help="none | dynamic | static"),
     val_size: str = typer.Option(None, "--val-size", help="validation rows (count, or a fraction like 0.1)"),
     train_size: int = typer.Option(None, "--train-size", help="train on the first N training rows only (after the "
                                                              "seeded split; a quick look at a large data set)"),
-    latent_dim: int = typer.Option(None, "--latent-dim", help="dimensions of z [default: the model's, 20 for the "
-                                                               "vae, 50 for nvdm, 10 for vade]"),
-    hidden: str = typer.Option(None, help="hidden layer sizes, e.g. 400,400 [default: the model's, 400 for the vae]"),
-    activation: str = typer.Option(None, help="relu | tanh | elu | softplus | gelu [default: the model's, relu for "
-                                              "the vae]"),
-    arch: str = typer.Option(None, help="mlp | conv [default: mlp]"),
+    latent_dim: int = typer.Option(None, "--latent-dim", help=f"dimensions of z {MODEL_DEFAULT}"),
+    hidden: str = typer.Option(None, help=f"hidden layer sizes, e.g. 400,400 {MODEL_DEFAULT}"),
+    activation: str = typer.Option(None, help=f"relu | tanh | elu | softplus | gelu {MODEL_DEFAULT}"),
+    arch: str = typer.Option(None, help=f"mlp | conv {MODEL_DEFAULT}"),
     likelihood: str = typer.Option(None, help="bernoulli | continuous-bernoulli | gaussian | gaussian-learned | "
-                                              "gaussian-decoder [default: the model's, bernoulli for the vae]"),
-    sigma: float = typer.Option(None, help="standard deviation of the fixed Gaussian likelihood [default: 1]"),
-    encoder_covariance: str = typer.Option(None, "--encoder-covariance", help="diag | full [default: diag]"),
+                                              f"gaussian-decoder {MODEL_DEFAULT}"),
+    sigma: float = typer.Option(None, help=f"standard deviation of a fixed Gaussian likelihood {MODEL_DEFAULT}"),
+    encoder_covariance: str = typer.Option(None, "--encoder-covariance", help=f"diag | full {MODEL_DEFAULT}"),
     epochs: int = typer.Option(10, help="train until this many epochs (with --resume: extend the run to it)"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(1e-3),
-    adam_eps: float = typer.Option(1e-8, "--adam-eps"),
-    beta: float = typer.Option(None, help="weight of the KL term (default: the model's own, 1 for the vae, 4 for "
-                                          "beta-vae)"),
-    kl_warmup: float = typer.Option(0.0, "--kl-warmup", help="epochs of linear KL warm-up from 0 to beta"),
+    batch_size: int = typer.Option(128, "--batch-size", help="examples per optimiser step (global under torchrun)"),
+    lr: float = typer.Option(1e-3, help="Adam's learning rate (a schedule: --schedule lr=SPEC)"),
+    adam_eps: float = typer.Option(1e-8, "--adam-eps", help="Adam's epsilon"),
+    beta: float = typer.Option(None, help=f"weight of the KL term (the beta schedule, constant) {MODEL_DEFAULT}"),
+    kl_warmup: float = typer.Option(0.0, "--kl-warmup", help="epochs of linear KL warm-up from 0 to beta (the beta "
+                                                              "schedule)"),
     mc_samples: int = typer.Option(1, "--mc-samples", help="L Monte-Carlo samples per data point"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the initial weights, the data split and every random draw"),
     set_options: list[str] = typer.Option(None, "--set", help="a model option KEY=VALUE (repeatable); "
                                                               "'elbolab models NAME' lists them"),
     schedule: list[str] = typer.Option(None, "--schedule", help="NAME=SPEC (repeatable): constant:v, "
-                                       "linear:v0:v1:epochs[:start], cyclical:vmax:period:ratio; e.g. "
-                                       "free_bits=constant:0.25 or beta=cyclical:1:10:0.5"),
+                                       "linear:v0:v1:epochs[:start], cyclical:vmax:period:ratio, "
+                                       "step:v0:factor:every; e.g. free_bits=constant:0.25, beta=cyclical:1:10:0.5, "
+                                       "lr=step:0.002:0.9:10"),
     init_from: Path = typer.Option(None, "--init-from", help="copy the matching weights of a trained run first"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="also checkpoint every N steps within an "
                                                                       "epoch (exact mid-epoch resume)"),
@@ -213,51 +207,69 @@ def train_command(
                                                         "its saved settings"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete the run in --out and start it again"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar and a line per epoch"),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard"),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
 ):
     """Train a model and write a run folder with weights, metrics, figures and a report.
 
     Ctrl-C stops at the next step with a checkpoint; continue with 'elbolab train --out RUN --resume'."""
     from elbolab import pipeline
-    from elbolab.models import get_model_class
 
-    def given(name: str) -> bool:  # set on the command line (only those are checked against a resumed run)
+    model, data, init_from, options = _train_settings(ctx, model, data, init_from)
+    run = pipeline.train(model, data, out=out, init_from=init_from, resume=resume, overwrite=overwrite, **options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"run written to {run}")
+
+
+def _train_settings(ctx: typer.Context, model, data, init_from) -> tuple[str | None, str | None, Path | None, dict]:
+    """(model, data, init_from, options) for ``pipeline.train`` from train's flags: a settings file (--config)
+    first, the flags given on the command line over it; a flag left at its default counts only for a new run
+    started without a file (a resumed run keeps its own settings, a model keeps its own defaults)."""
+    from elbolab import pipeline
+    from elbolab.config import parse_option
+    from elbolab.models import ModelConfig, get_model_class
+
+    params = ctx.params
+    config, out, resume = params["config"], params["out"], params["resume"]
+
+    def given(name: str) -> bool:
         source = ctx.get_parameter_source(name)  # click's ParameterSource (typer vendors click in new versions)
         return source is not None and source.name != "DEFAULT"
 
-    converters = {"hidden": _parse_hidden, "val_size": _parse_val_size}
-    names = {"latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation", "arch": "architecture",
-             "likelihood": "likelihood", "sigma": "sigma", "encoder_covariance": "encoder_covariance",
-             "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "adam_eps": "adam_eps", "beta": "beta",
-             "kl_warmup": "kl_warmup_epochs", "mc_samples": "mc_samples", "seed": "seed", "binarize": "binarize",
-             "val_size": "val_size", "train_size": "train_size", "data_dir": "data_dir",
-             "checkpoint_every": "checkpoint_every", "keep_best": "keep_best", "device": "device",
-             "precision": "precision"}
-    values = locals()
-    # these reach the model only when given: otherwise the model's own default holds (nvdm's 500 tanh units,
-    # vade's 10-d latent, beta-vae's beta), not a CLI-wide one
-    model_flags = {"latent_dim", "hidden", "activation", "arch", "likelihood", "sigma", "encoder_covariance", "beta"}
-    options = {key: converters.get(param, lambda v: v)(values[param]) for param, key in names.items()
-               if given(param) or not (resume or param in model_flags)}
-    options["progress"] = progress  # how a run is watched may change on resume; what it writes keeps its setting
-    if given("tensorboard") or not resume:
-        options["tensorboard"] = tensorboard
-    if schedule:
-        options["schedules"] = _parse_assignments(schedule, "--schedule")
-    if set_options:
+    if config is not None and resume:
+        raise ElbolabError("--config starts a run from a settings file; --resume continues the run in --out with "
+                           "its own settings. Give one of them")
+    file_model, file_data, options = pipeline.settings_from_file(config) if config is not None else (None, None, {})
+    model = model or file_model
+    init_from = init_from if init_from is not None else options.pop("init_from", None)
+    options.pop("init_from", None)
+    defaults_apply = config is None and not resume
+    for param, key in {**MODEL_FLAGS, **TRAIN_FLAGS, **DATA_FLAGS}.items():
+        value = params[param]
+        if given(param) or (defaults_apply and param not in MODEL_FLAGS and param != "beta"):
+            if value is not None and param == "hidden":
+                value = parse_option(ModelConfig, "hidden", value, flag="--hidden")
+            elif param == "val_size":
+                value = _parse_val_size(value)
+            options[key] = value
+    options["progress"] = params["progress"]  # how a run is watched may change on resume; what it writes may not
+    if given("tensorboard") or defaults_apply:
+        options["tensorboard"] = params["tensorboard"]
+    if params["schedule"]:
+        options["schedules"] = {**options.get("schedules", {}), **_parse_assignments(params["schedule"],
+                                                                                     "--schedule")}
+    if params["set_options"]:
         if model is None and not resume:
             raise ElbolabError("--set needs a model name: elbolab train MODEL --set KEY=VALUE")
-        from_set = _parse_set(get_model_class(model or _saved_model(out)), set_options)
-        flags = {key: param for param, key in names.items()}
+        from_set = _parse_set(get_model_class(model or _saved_model(out)), params["set_options"])
+        flags = {key: param for param, key in {**MODEL_FLAGS, **TRAIN_FLAGS, **DATA_FLAGS}.items()}
         twice = sorted(key for key in from_set if key in flags and given(flags[key]))
         if twice:
             raise ElbolabError(f"{', '.join(twice)} given both as --set and as its own flag "
                                f"(--{flags[twice[0]].replace('_', '-')}); give it once")
         options.update(from_set)
-    run = pipeline.train(model, data if (given("data") or not resume) else None, out=out, init_from=init_from,
-                         resume=resume, overwrite=overwrite, **options)
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"run written to {run}")
+    if given("data"):
+        return model, data, init_from, options
+    return model, file_data if file_data is not None else (None if resume else data), init_from, options
 
 
 def _saved_model(out: Path) -> str:
@@ -308,6 +320,13 @@ def eval_command(
                                          "metrics (a run on --data sprites or dsprites; about a minute)"),
     compile: bool = typer.Option(False, "--compile", help="importance sampling through torch.compile: seconds to "
                                  "compile, then about 1.8x faster (worth it from about a minute of evaluation)"),
+    ais_steps: int = typer.Option(0, "--ais-steps", help="also log p(x) by annealed importance sampling with N "
+                                  "steps (a stochastic lower bound; HMC transitions) on --ais-examples examples"),
+    ais_chains: int = typer.Option(16, "--ais-chains", help="AIS chains per example"),
+    ais_leapfrog: int = typer.Option(10, "--ais-leapfrog", help="leapfrog steps per HMC transition"),
+    ais_examples: int = typer.Option(100, "--ais-examples", help="examples AIS runs on (the first of the split)"),
+    bdmc: int = typer.Option(0, "--bdmc", help="also bidirectional Monte Carlo on N examples simulated from the "
+                             "model: an upper and a lower bound on their log p(x) (steps: --ais-steps, or 100)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Importance-sampled log p(x) with its Monte-Carlo s.e., ELBO, active units. Every evaluation is kept in
@@ -317,12 +336,22 @@ def eval_command(
     result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
                                data_dir=data_dir, seed=seed, progress=progress, compare=compare, weights=weights,
                                device=device, limit=limit, precision=precision, disentanglement=disentanglement,
-                               compile=compile)
+                               compile=compile, ais_steps=ais_steps, ais_chains=ais_chains,
+                               ais_leapfrog=ais_leapfrog, ais_examples=ais_examples, bdmc_examples=bdmc)
     typer.echo(f"weights: {result['weights']}")
     if compile:
         typer.echo("compiled: yes (torch.compile)" if result.get("compiled") else
                    f"compiled: no, torch.compile failed ({result.get('compile_fallback')}); evaluated eagerly")
     typer.echo(_headline(result))
+    if "log_px_ais" in result:
+        ais = result["log_px_ais"]
+        typer.echo(f"log p(x) by AIS = {ais['mean']:.2f} nats, Monte-Carlo s.e. {ais['mc_stderr']:.3f} ({ais['steps']} "
+                   f"steps, {ais['chains']} chains, {ais['n_examples']} examples, acceptance {ais['acceptance']:.2f}, "
+                   f"{ais['seconds']:.0f} s)")
+    if "bdmc" in result:
+        b = result["bdmc"]
+        typer.echo(f"BDMC on {b['n_examples']} simulated examples: {b['lower']:.2f} <= log p(x) <= {b['upper']:.2f} "
+                   f"(gap {b['gap']:.3f} nats at {b['steps']} steps; a small gap: AIS at this budget is accurate)")
     if "disentanglement" in result:
         scores = result["disentanglement"]
         typer.echo(f"disentanglement: beta-VAE metric {scores['beta_vae']['eval_accuracy']:.3f}, FactorVAE "
@@ -359,7 +388,7 @@ def traverse_command(
     data_dir: Path = typer.Option(None, "--data-dir"),
 ):
     """Latent traversals around one image: a grid (one row per dimension) and an animated GIF."""
-    from elbolab.figures.traversals import traverse_run
+    from elbolab.pipeline import traverse_run
 
     chosen = None if dims is None else _parse_dims(dims)
     for path in traverse_run(run_dir, dims=chosen, steps=steps, span=span, index=index, split=split, out_dir=out,

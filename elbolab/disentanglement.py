@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from elbolab.data.sprites import Sprites, find_dsprites, read_dsprites
 from elbolab.errors import ElbolabError
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # images [B, D] -> latent means [B, d]
@@ -215,12 +216,8 @@ def run_factor_data(data_info: dict, data_dir=None) -> FactorData:
     """The factor-addressable data set a run was trained on (its config's ``data``): ``sprites`` or ``dsprites``."""
     source = data_info.get("source")
     if source == "sprites":
-        from elbolab.data.sprites import Sprites
-
         return Sprites()
     if source == "dsprites":
-        from elbolab.data.sprites import find_dsprites, read_dsprites
-
         return read_dsprites(find_dsprites(data_dir or data_info.get("data_dir")))
     raise ElbolabError(f"--disentanglement needs data with known generative factors (--data sprites or dsprites); "
                        f"this run was trained on {source!r}")

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from elbolab import likelihoods as lk
 from elbolab.errors import ElbolabError
+from elbolab.models.base import LatentVariableModel
 
 __all__ = ["MAX_DECODER_PARAMETERS", "ExplorerUnavailable", "decoder_spec", "explorer_html", "EXPLORER_CSS",
            "CORE_JS"]
@@ -66,8 +68,6 @@ def _activation(module: nn.Module) -> dict:
 
 def _head(model) -> tuple[str, int]:
     """(the JavaScript name of the output head's mean, how many decoder outputs it reads)."""
-    from elbolab import likelihoods as lk
-
     heads = {lk.BernoulliHead: "sigmoid", lk.ContinuousBernoulliHead: "continuous_bernoulli",
              lk.GaussianFixedHead: "identity", lk.GaussianPerPixelHead: "identity",
              lk.GaussianDecoderVarianceHead: "identity"}
@@ -80,8 +80,6 @@ def _head(model) -> tuple[str, int]:
 def decoder_spec(model, max_parameters: int | None = None) -> dict:
     """The decoder as a JSON-able dict: layers (base64 float32 weights [out, in] row-major, biases, activation)
     and the head. Raises ExplorerUnavailable when the model does not qualify (see the module docstring)."""
-    from elbolab.models.base import LatentVariableModel
-
     max_parameters = MAX_DECODER_PARAMETERS if max_parameters is None else max_parameters
     config = getattr(model, "config", None)
     if not isinstance(model, LatentVariableModel) or config is None:

@@ -24,6 +24,7 @@ from torch.distributions import Independent, Normal
 
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.objectives import kl_term
 
 
@@ -103,8 +104,6 @@ def amortization_gap(model, batch, *, k: int = 1000, elbo_samples: int = 1000, *
 
     log p(x) is the importance-sampled estimate with K = k (a lower bound in expectation); the ELBOs are
     Monte-Carlo estimates with ``elbo_samples`` draws."""
-    from elbolab.evaluate import importance_sampled_log_px
-
     batch = as_batch(batch).to(next(model.parameters()))
     with torch.enable_grad():
         local = fit_local_posterior(model, batch, **fit_options)

@@ -10,36 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from elbolab import runs
+from elbolab.config import BETA_SUGAR, TrainConfig, beta_schedule, check_device, upgrade_run_config
 from elbolab.data import available_sources
+from elbolab.data.core import Batch
 from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.likelihoods import LIKELIHOODS
+from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
-from elbolab.trainer import TrainConfig, Trainer
-
-
-def _load_splits(data_info: dict, data_dir=None):
-    from elbolab.data import load_data
-
-    return load_data(
-        data_info["source"], data_dir=data_dir or data_info.get("data_dir"), binarize=data_info["binarize"],
-        seed=data_info["seed"], val_size=data_info.get("val_size"),
-    ).with_train_size(data_info.get("train_size"))
-
+from elbolab.records import SCHEMA_VERSION, Evaluation
+from elbolab.trainer import Trainer
 
 DATA_OPTIONS = ("binarize", "val_size", "data_dir", "train_size")
 
 
-def split_options(cls, options: dict) -> tuple[dict, dict, dict]:
-    """Sort keyword options into (model config, train config, data) options by their names; unknown names fail
-    with the list of valid ones."""
+def split_options(cls, options: dict) -> tuple[dict, dict, dict, dict]:
+    """Sort keyword options into (model config, train config, data, beta sugar) options by their names; unknown
+    names fail with the list of valid ones."""
     model_names = {f.name for f in cls.config_class.option_fields()}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    model, train, data, unknown = {}, {}, {}, []
+    model, train, data, sugar, unknown = {}, {}, {}, {}, []
     for key, value in options.items():
         if key in model_names:
             model[key] = value
@@ -47,15 +42,31 @@ def split_options(cls, options: dict) -> tuple[dict, dict, dict]:
             train[key] = value
         elif key in DATA_OPTIONS:
             data[key] = value
+        elif key in BETA_SUGAR:
+            sugar[key] = value
         else:
             unknown.append(key)
     if unknown:
         raise ElbolabError(
             f"unknown option(s) {sorted(unknown)} for model {cls.registry_name!r}; expected model options "
-            f"{sorted(model_names)}, training options {sorted(train_names - {'progress', 'tensorboard'})} or data "
-            f"options {list(DATA_OPTIONS)} (see 'elbolab models {cls.registry_name}')"
+            f"{sorted(model_names)}, training options "
+            f"{sorted((train_names | set(BETA_SUGAR)) - {'progress', 'tensorboard'})} or data options "
+            f"{list(DATA_OPTIONS)} (see 'elbolab models {cls.registry_name}')"
         )
-    return model, train, data
+    return model, train, data, sugar
+
+
+def with_beta_schedule(train_options: dict, sugar: dict, model) -> dict:
+    """``beta`` / ``kl_warmup_epochs`` written as the one beta schedule (warming up to the model's own beta when
+    only the warm-up is given); refused next to an explicit ``schedules["beta"]``."""
+    if sugar.get("beta") is None and not sugar.get("kl_warmup_epochs"):  # neither given: the model's default
+        return train_options
+    schedules = dict(train_options.get("schedules") or {})
+    if "beta" in schedules:
+        raise ElbolabError("give beta either as --beta/--kl-warmup or as --schedule beta=..., not both")
+    default = float(model.scheduled_defaults().get("beta", 1.0))
+    schedules["beta"] = beta_schedule(sugar.get("beta"), sugar.get("kl_warmup_epochs") or 0.0, default)
+    return {**train_options, "schedules": schedules}
 
 
 def train(model_name: str | None = None, data=None, *, out, resume: bool = False, overwrite: bool = False,
@@ -81,7 +92,7 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
         raise ElbolabError("expected a model name (see 'elbolab models'); only --resume reads it from the run folder")
     data = "digits" if data is None else data
     cls = get_model_class(model_name)
-    model_options, train_options, data_options = split_options(cls, options)
+    model_options, train_options, data_options, beta_sugar = split_options(cls, options)
     from elbolab.data.memory import is_in_memory, load_in_memory
 
     if is_in_memory(data):  # x or (x, y) from Python: checked and split here; config.json describes, not stores it
@@ -97,7 +108,7 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
                      "seed": train_options.get("seed", 0), "val_size": data_options.get("val_size"),
                      "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                      "train_size": data_options.get("train_size")}
-        splits = _load_splits(data_info)
+        splits = load_run_data(data_info)
     model_config = cls.config_class.from_data(splits.train, **model_options)
     low, high = splits.train.value_range()
     support = LIKELIHOODS[model_config.likelihood].support
@@ -106,12 +117,12 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
             f"the {model_config.likelihood} likelihood needs data in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
             "use --likelihood gaussian or rescale the data"
         )
-    train_config = TrainConfig(**train_options)
-    torch.manual_seed(train_config.seed)  # the initial weights
+    torch.manual_seed(train_options.get("seed", 0))  # the initial weights
     model = cls(model_config)
+    train_config = TrainConfig(**with_beta_schedule(train_options, beta_sugar, model))
     init_info = None
     if init_from is not None and not resume:
-        pretrained, _ = runs.load_run(init_from)
+        pretrained, _ = load_run(init_from)
         loaded = model.load_pretrained(pretrained.state_dict())
         init_info = {"run": str(Path(init_from).resolve()), "tensors": loaded}
     trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info, init_from=init_info)
@@ -133,40 +144,77 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
     return Path(out)
 
 
+SETTINGS_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
+
+
+def settings_from_file(path) -> tuple[str | None, str | None, dict]:
+    """``(model, data, options)`` from a TOML, JSON or YAML file, for ``train(model, data, **options)``.
+
+    Two forms: flat settings (``model = "vae"``, ``data = "digits"``, then any option by name: ``latent_dim = 2``,
+    ``epochs = 30``, ``schedules = {beta = "linear:0:1:10"}``), or a run's own config.json, which re-runs that run
+    (same model, options, data and seed: the same numbers on a CPU)."""
+    path = Path(path)
+    if path.suffix.lower() not in SETTINGS_SUFFIXES:
+        raise ElbolabError(f"--config: expected a {', '.join(SETTINGS_SUFFIXES)} file, got {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ElbolabError(f"--config: could not read {path} ({error.strerror or error})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            settings = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            import json
+
+            settings = json.loads(text)
+        else:
+            import yaml
+
+            settings = yaml.safe_load(text)
+    except Exception as error:  # noqa: BLE001 - each parser raises its own error type
+        raise ElbolabError(f"--config: {path} is not valid {path.suffix[1:].upper()} ({error})") from None
+    if not isinstance(settings, dict):
+        raise ElbolabError(f"--config: expected {path} to hold a table of settings, got a {type(settings).__name__}")
+    if {"model_config", "train_config"} <= set(settings):  # a run's config.json
+        settings = upgrade_run_config(settings)
+        cls = get_model_class(settings.get("model"))
+        saved_data = settings.get("data") or {}
+        if saved_data.get("source") == "in-memory":
+            raise ElbolabError(f"--config: {path} describes a run on arrays passed from Python; call "
+                               "pipeline.train with the same arrays and the options of its config.json instead")
+        options = {k: v for k, v in settings["model_config"].items() if k not in cls.config_class.data_fields}
+        options.update({k: v for k, v in settings["train_config"].items() if k not in ("progress",)})
+        options.update({k: saved_data.get(k) for k in DATA_OPTIONS if saved_data.get(k) is not None})
+        if isinstance(settings.get("init_from"), dict) and settings["init_from"].get("run"):
+            options["init_from"] = settings["init_from"]["run"]
+        return settings["model"], saved_data.get("source"), options
+    options = dict(settings)
+    model, data = options.pop("model", None), options.pop("data", None)
+    if model is not None and not isinstance(model, str) or data is not None and not isinstance(data, str):
+        raise ElbolabError(f"--config: expected model and data as names or paths in {path}, got {model!r}, {data!r}")
+    return model, data, options
+
+
 def _resume_settings(out: Path, model_name, data, options: dict):
-    """The saved model name, data and options of the run in ``out``, with the options the user gave checked
-    against them: ``epochs`` and the settings in RESUMABLE_CHANGES may change, anything else must match."""
-    import json
-
-    from elbolab.trainer import RESUMABLE_CHANGES
-
-    saved = runs.read_json(out / runs.CONFIG)
+    """The saved model name, data and options of the run in ``out``, with the options the user gave on top. Whether
+    they may differ is checked in one place, when the run folder is opened (``run_folder.check_resume_settings``)."""
+    saved = upgrade_run_config(runs.read_json(out / runs.CONFIG))
     if model_name is not None and model_name != saved.get("model"):
         raise CheckpointError(f"--resume: the run in {out} is a {saved.get('model')!r} model, got {model_name!r}")
-    saved_data = saved.get("data", {})
     if data is not None and not isinstance(data, str):
         raise CheckpointError("--resume: in-memory data cannot be checked against the run; pass no data to resume")
-    if data is not None:
-        given = data if data in available_sources() else str(Path(data).resolve())
-        if given != saved_data.get("source"):
-            raise CheckpointError(f"--resume: the run in {out} was trained on {saved_data.get('source')!r}, "
-                               f"got {data!r}")
+    saved_data = saved.get("data", {})
+    if data is not None and (data if data in available_sources() else str(Path(data).resolve())) != \
+            saved_data.get("source"):  # before any data is loaded
+        raise CheckpointError(f"--resume: the run in {out} was trained on {saved_data.get('source')!r}, got {data!r}")
     cls = get_model_class(saved["model"])
     merged = {k: v for k, v in saved.get("model_config", {}).items() if k not in cls.config_class.data_fields}
     merged.update(saved.get("train_config", {}))
     merged.update({k: saved_data.get(k) for k in DATA_OPTIONS})
-    for key, value in options.items():
-        if key not in merged:
-            continue  # unknown names are reported by split_options
-        as_saved = json.loads(json.dumps(value, default=str))
-        if key not in RESUMABLE_CHANGES and as_saved != merged[key] and not (
-                key == "data_dir" and value is not None and str(Path(value).resolve()) == merged[key]):
-            raise CheckpointError(
-                f"--resume: {key} differs from the run in {out} (saved {merged[key]!r}, got {value!r}); --resume "
-                f"needs only --out (and --epochs to extend it); only {', '.join(RESUMABLE_CHANGES)} may change"
-            )
-        merged[key] = value
-    return saved["model"], saved_data.get("source"), {**merged, **{k: v for k, v in options.items() if k not in merged}}
+    merged.update(options)
+    return saved["model"], saved_data.get("source") if data is None else data, merged
 
 
 def _training_summary(model, val, history: list[dict], out: Path, seconds: float) -> dict:
@@ -202,7 +250,8 @@ def _training_summary(model, val, history: list[dict], out: Path, seconds: float
 def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None = None, data_dir=None,
              seed: int = 0, progress: bool = False, compare=None, weights: str = "last", device: str = "cpu",
              limit: int | None = None, refresh_report: bool = True, precision: str = "fp32",
-             disentanglement: bool = False, compile: bool = False) -> dict:
+             disentanglement: bool = False, compile: bool = False, ais_steps: int = 0, ais_chains: int = 16,
+             ais_leapfrog: int = 10, ais_examples: int = 100, bdmc_examples: int = 0) -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics. Every evaluation is kept: a new file in RUN_DIR/evaluations (see ``runs.save_evaluation``; its path is
     returned under ``"saved_to"``), eval.json is the latest, and the report is refreshed. ``limit``: only the first N
@@ -211,19 +260,20 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     other). ``weights``: "last" (the end of training) or "best" (the best validation ELBO, with --keep-best);
     ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``);
     ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data);
-    ``compile``: importance sampling through torch.compile (faster for long runs; ``evaluate.CompiledLogWeights``)."""
+    ``compile``: importance sampling through torch.compile (faster for long runs; ``estimators.CompiledLogWeights``).
+    ``ais_steps``: also annealed importance sampling with that many steps (``ais_chains`` chains, ``ais_leapfrog``
+    leapfrog steps per HMC transition) on the first ``ais_examples`` examples; ``bdmc_examples``: also bidirectional
+    Monte Carlo with the same settings on that many examples simulated from the model (``elbolab.ais``)."""
     from elbolab.evaluate import evaluate_model, importance_diagnostics, paired_difference
 
     if split not in ("test", "train", "val"):
         raise ElbolabError(f"expected --split test, train or val, got {split!r}")
     if k < 1:
         raise ElbolabError(f"expected --iw-samples >= 1, got {k}")
-    from elbolab.trainer import check_device
-
     target = check_device(device)
-    model, config = runs.load_run(run_dir, weights)
+    model, config = load_run(run_dir, weights)
     model.to(target)
-    splits = _load_splits(config["data"], data_dir)
+    splits = load_run_data(config["data"], data_dir)
     data = getattr(splits, split)
     if disentanglement:  # refused before the long log p(x) run when the data have no known factors
         from elbolab.disentanglement import disentanglement_scores, model_encoder, run_factor_data
@@ -237,7 +287,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     result, mine = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
                                   return_per_example=True, precision=precision, compile=compile)
     if compare is not None:
-        other, other_config = runs.load_run(compare)
+        other, other_config = load_run(compare)
         other.to(target)
         keys = ("source", "binarize", "seed", "val_size")
         if any(other_config["data"].get(key) != config["data"].get(key) for key in keys):
@@ -263,50 +313,45 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
                               split=split)
     if disentanglement:
         result["disentanglement"] = disentanglement_scores(model_encoder(model), factors, seed=seed)
+    result = Evaluation.from_dict({**result, "schema_version": SCHEMA_VERSION}).to_dict()  # the written schema
+    if ais_steps or bdmc_examples:
+        result.update(_sandwich(model, data, ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais_leapfrog,
+                                ais_examples=ais_examples, bdmc_examples=bdmc_examples, seed=seed))
     saved = runs.save_evaluation(Path(run_dir), result)
     if refresh_report:
         report(run_dir)
     return {**result, "saved_to": str(saved)}
 
 
+def _sandwich(model, data, *, ais_steps: int, ais_chains: int, ais_leapfrog: int, ais_examples: int,
+              bdmc_examples: int, seed: int) -> dict:
+    """AIS on the evaluated examples and BDMC on simulated ones (``eval --ais-steps``, ``--bdmc``)."""
+    from elbolab.evaluate import ais_evaluation, bdmc_evaluation
+
+    if not getattr(model, "has_posterior", True) or not hasattr(model, "prior"):
+        raise ElbolabError("--ais-steps / --bdmc need a model with a prior and a decoder (not an autoencoder)")
+    steps = ais_steps or 100
+    for name, value in (("--ais-steps", steps), ("--ais-chains", ais_chains), ("--ais-leapfrog", ais_leapfrog),
+                        ("--ais-examples", ais_examples)):
+        if value < 1:
+            raise ElbolabError(f"expected {name} >= 1, got {value}")
+    out = {}
+    if ais_steps:
+        out["log_px_ais"] = ais_evaluation(model, data, steps=ais_steps, chains=ais_chains,
+                                           leapfrog_steps=ais_leapfrog, n_examples=ais_examples, seed=seed)
+    if bdmc_examples:
+        out["bdmc"] = bdmc_evaluation(model, n_examples=bdmc_examples, steps=steps, chains=ais_chains,
+                                      leapfrog_steps=ais_leapfrog, seed=seed)
+    return out
+
+
 def make_figures(run_dir, *, model=None, splits=None) -> list[Path]:
     """The run's figures, through the model's ``figures`` hook."""
     if model is None:
-        model, config = runs.load_run(run_dir)
-        splits = _load_splits(config["data"])
+        model, config = load_run(run_dir)
+        splits = load_run_data(config["data"])
     model.eval()
     return model.figures(Path(run_dir), splits)
-
-
-@torch.no_grad()
-def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0) -> list[Path]:
-    """The default figures of a model: samples, reconstructions, training curves, 2-D manifold (latent_dim == 2)
-    and the latent scatter (a histogram for one latent dimension)."""
-
-    from elbolab import plots
-
-    run_dir = Path(run_dir)
-    fig_dir = run_dir / runs.FIGURES
-    shape = model.config.image_shape
-    torch.manual_seed(seed)
-    paths = []
-    test = splits.test
-    batch = test.batch(torch.arange(min(len(test), 2000)), torch.Generator().manual_seed(seed))
-    if shape is not None:
-        paths.append(plots.plot_image_grid(model.sample(n_samples), shape, fig_dir / "samples.png",
-                                           title="samples: E[x|z], z ~ p(z)"))
-        paths.append(plots.plot_reconstructions(batch.x[:10], model.reconstruct(batch[:10]), shape,
-                                                fig_dir / "reconstructions.png"))
-        if model.config.latent_dim >= 2:
-            paths.append(plots.plot_latent_manifold(model.decode_mean, shape, fig_dir / "manifold.png",
-                                                    latent_dim=model.config.latent_dim))
-    metrics_path = run_dir / runs.METRICS
-    if metrics_path.exists():
-        records, _ = runs.read_metrics(metrics_path)
-        paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
-    means = next(iter(model.latent_means(batch).values()))
-    paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
-    return paths
 
 
 def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite: bool = False) -> Path:
@@ -318,7 +363,7 @@ def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite:
 
     if n < 1:
         raise ElbolabError(f"expected -n >= 1, got {n}")
-    model, _ = runs.load_run(run_dir)
+    model, _ = load_run(run_dir)
     if model.config.image_shape is None:
         raise ElbolabError("sample: this run's data are not images; there is nothing to draw")
     out = check_output_file("samples.png" if out is None else out, ".png", overwrite=overwrite)
@@ -336,7 +381,28 @@ def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite:
     return plots.plot_image_grid(images, model.config.image_shape, out, title=f"{n} samples")
 
 
+def traverse_run(run_dir, *, dims: Sequence[int] | None = None, steps: int = 9, span: float = 3.0, index: int = 0,
+                 split: str = "test", out_dir=None, n_kl: int = 500, weights: str = "last",
+                 data_dir=None) -> list[Path]:
+    """``elbolab traverse RUN``: traversals of a trained run around image ``index`` of its ``split``, written into
+    ``out_dir`` (default RUN/figures); the KL labels average over the first ``n_kl`` images of the split.
+    ``data_dir`` overrides the run's (as for ``elbolab eval``)."""
+    from elbolab.figures.traversals import traverse
+
+    if split not in ("train", "val", "test"):
+        raise ElbolabError(f"traverse: expected --split train, val or test, got {split!r}")
+    model, config = load_run(run_dir, weights)
+    data = getattr(load_run_data(config["data"], data_dir), split)
+    if not 0 <= index < len(data):
+        raise ElbolabError(f"traverse: expected --index between 0 and {len(data) - 1}, got {index}")
+    rows = torch.cat([torch.tensor([index]), torch.arange(min(n_kl, len(data)))])
+    batch = data.batch(rows, torch.Generator().manual_seed(0))
+    out_dir = Path(run_dir) / runs.FIGURES if out_dir is None else Path(out_dir)
+    return traverse(model, Batch(batch.x), out_dir, dims, steps, span)
+
+
 def report(run_dir) -> Path:
+    """Rebuild RUN/index.html from what the run folder holds (figures are drawn by ``make_figures``)."""
     from elbolab.report import write_report
 
     return write_report(run_dir)

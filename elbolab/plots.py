@@ -79,7 +79,7 @@ def _check_image_shape(image_shape) -> tuple[int, int, int]:
     return shape
 
 
-def _as_images(x, image_shape, name: str) -> np.ndarray:
+def as_images(x, image_shape, name: str) -> np.ndarray:
     """Rows in [0, 1] -> images, clipped (decoders may overshoot slightly).
 
     Rows are [N, C*H*W] flattened channel-first (or already [N, C, H, W] / [N, H, W]). Returns [N, H, W] for one
@@ -109,7 +109,7 @@ def _as_images(x, image_shape, name: str) -> np.ndarray:
     return arr.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # [N, H, W, 3]
 
 
-def _tile(rows: Sequence[np.ndarray], ncols: int) -> np.ndarray:
+def tile(rows: Sequence[np.ndarray], ncols: int) -> np.ndarray:
     """Rows of [n_i, H, W] (grey) or [n_i, H, W, 3] (RGB) images, n_i <= ncols -> one mosaic ([H', W'] or
     [H', W', 3]) with 1-pixel gutters."""
     h, w = rows[0].shape[1:3]
@@ -122,7 +122,7 @@ def _tile(rows: Sequence[np.ndarray], ncols: int) -> np.ndarray:
     return mosaic
 
 
-def _mosaic_figure(mosaic: np.ndarray, title: str | None, cell_inches: float, ncols: int, nrows: int):
+def mosaic_figure(mosaic: np.ndarray, title: str | None, cell_inches: float, ncols: int, nrows: int):
     width = min(max(ncols * cell_inches, 3.0), 16.0)
     height = min(max(nrows * cell_inches, 1.5), 16.0) + (0.4 if title else 0.0)
     fig, ax = plt.subplots(figsize=(width, height), dpi=_DPI)
@@ -137,7 +137,7 @@ def _mosaic_figure(mosaic: np.ndarray, title: str | None, cell_inches: float, nc
     return fig, ax
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -163,19 +163,19 @@ def plot_image_grid(images, image_shape, path, *, ncols: int = 10, title: str | 
     ``ncols`` per row; e.g. samples from the prior. Grey for one channel, colour for three."""
     if int(ncols) < 1:
         raise ElbolabError(f"ncols: expected a positive integer, got {ncols}; try ncols=10.")
-    imgs = _as_images(images, image_shape, "images")  # [N, H, W] or [N, H, W, 3]
+    imgs = as_images(images, image_shape, "images")  # [N, H, W] or [N, H, W, 3]
     ncols = min(int(ncols), imgs.shape[0])
     rows = [imgs[i : i + ncols] for i in range(0, imgs.shape[0], ncols)]
-    fig, _ = _mosaic_figure(_tile(rows, ncols), title, 0.6, ncols, len(rows))
-    return _save(fig, path)
+    fig, _ = mosaic_figure(tile(rows, ncols), title, 0.6, ncols, len(rows))
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(inputs, reconstructions, image_shape, path, *, n: int = 10) -> Path:
     """First ``n`` inputs with their reconstructions beneath; row pairs of at most 10 columns.
 
     ``image_shape`` is (H, W) or (C, H, W) as in :func:`plot_image_grid`."""
-    x = _as_images(inputs, image_shape, "inputs")  # [N, H, W] or [N, H, W, 3]
-    x_hat = _as_images(reconstructions, image_shape, "reconstructions")
+    x = as_images(inputs, image_shape, "inputs")  # [N, H, W] or [N, H, W, 3]
+    x_hat = as_images(reconstructions, image_shape, "reconstructions")
     if x.shape[0] != x_hat.shape[0]:
         raise ElbolabError(
             f"reconstructions: expected one per input ({x.shape[0]}), got {x_hat.shape[0]}; "
@@ -189,11 +189,11 @@ def plot_reconstructions(inputs, reconstructions, image_shape, path, *, n: int =
     for start in range(0, n, ncols):
         rows += [x[start : min(start + ncols, n)], x_hat[start : min(start + ncols, n)]]
         labels += ["input", "recon."]
-    fig, ax = _mosaic_figure(_tile(rows, ncols), "Inputs (top) and reconstructions (beneath)", 0.6,
+    fig, ax = mosaic_figure(tile(rows, ncols), "Inputs (top) and reconstructions (beneath)", 0.6,
                              ncols, len(rows))
     h = x.shape[1]
     ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(len(rows))], labels, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------ training curves
@@ -256,7 +256,7 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- latent space
@@ -304,7 +304,7 @@ def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], im
     z = latent_grid(n, latent_dim, dims, quantile_range)  # [n*n, latent_dim]
     with torch.no_grad():
         decoded = decode_mean(z)
-    imgs = _as_images(decoded, image_shape, "decode_mean(z)")  # [n*n, H, W] or [n*n, H, W, 3]
+    imgs = as_images(decoded, image_shape, "decode_mean(z)")  # [n*n, H, W] or [n*n, H, W, 3]
     if imgs.shape[0] != z.shape[0]:
         raise ElbolabError(
             f"decode_mean(z): expected {z.shape[0]} images (one per latent point), got {imgs.shape[0]}; "
@@ -312,7 +312,7 @@ def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], im
         )
     rows = [imgs[r * n : (r + 1) * n] for r in range(n)]
     d0, d1 = dims
-    fig, ax = _mosaic_figure(_tile(rows, n), f"Decoder mean over the latent grid (z{d0}, z{d1})",
+    fig, ax = mosaic_figure(tile(rows, n), f"Decoder mean over the latent grid (z{d0}, z{d1})",
                              0.4, n, n)
     q = z[:n, d0].numpy()  # the column values, ascending
     step = max(1, math.ceil(n / 7))  # about 7 tick labels per axis stays legible
@@ -323,7 +323,7 @@ def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], im
     ax.set_yticks(centres_y, [f"{q[n - 1 - r]:.2f}" for r in idx], fontsize=11)
     ax.set_xlabel(f"z{d0}")
     ax.set_ylabel(f"z{d1}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def project_2d(z, method: str = "auto") -> tuple[np.ndarray, str]:
@@ -354,7 +354,7 @@ def project_2d(z, method: str = "auto") -> tuple[np.ndarray, str]:
     return pca.transform(arr), f"PCA of {d}-D latent (explained variance {ratio[0]:.0%} + {ratio[1]:.0%})"
 
 
-def _label_vector(labels, n: int, label_name: str | None) -> tuple[np.ndarray, str]:
+def label_vector(labels, n: int, label_name: str | None) -> tuple[np.ndarray, str]:
     """Labels [N] (class ids) or [N, F] (factors: the first one is used) -> ([N] values, legend title)."""
     lab = _to_numpy(labels, "labels")
     if lab.ndim == 2 and lab.shape[1] >= 1:
@@ -423,15 +423,15 @@ def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: st
     if arr.ndim == 2 and arr.shape[1] == 1 and arr.shape[0] >= 1:
         if not np.all(np.isfinite(arr)):
             raise ElbolabError("z: expected finite latent codes, got NaN or inf; check the encoder output.")
-        lab, label_title = (None, "") if labels is None else _label_vector(labels, arr.shape[0], label_name)
-        return _save(_latent_histogram(arr[:, 0], lab, label_title), path)
+        lab, label_title = (None, "") if labels is None else label_vector(labels, arr.shape[0], label_name)
+        return save_figure(_latent_histogram(arr[:, 0], lab, label_title), path)
     coords, description = project_2d(arr, method)  # [N, 2]
     fig, ax = plt.subplots(figsize=(7.0, 5.2), dpi=_DPI)
     size = 12 if coords.shape[0] <= 2000 else 4
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.6, linewidths=0)
     else:
-        lab, label_title = _label_vector(labels, coords.shape[0], label_name)
+        lab, label_title = label_vector(labels, coords.shape[0], label_name)
         classes = np.unique(lab)
         if len(classes) <= 20:  # a legend is readable for few classes (e.g. MNIST digits)
             cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -452,10 +452,10 @@ def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: st
     ax.set_title(f"Latent codes: {description}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _kl_bar_figure(kl_per_dim):
+def kl_bar_figure(kl_per_dim):
     kl = _to_numpy(kl_per_dim, "kl_per_dim").reshape(-1)  # [d]
     if kl.size == 0:
         raise ElbolabError("kl_per_dim: expected one KL value per latent dimension, got none.")
@@ -473,9 +473,29 @@ def _kl_bar_figure(kl_per_dim):
     return fig
 
 
+def kl_anatomy_figure(anatomy: dict):
+    """One stacked bar: the mean KL(q(z|x) || p(z)) as index-code mutual information + total correlation +
+    dimension-wise KL (Hoffman & Johnson 2016; Chen et al. 2018), each segment labelled in nats."""
+    parts = [("I(x; z): index-code mutual information", anatomy["mutual_information"], "#4c72b0"),
+             ("TC: total correlation of q(z)", anatomy["total_correlation"], "#dd8452"),
+             ("dimension-wise KL(q(z_j) || p(z_j))", anatomy["dimension_wise_kl"], "#55a868")]
+    fig, ax = plt.subplots(figsize=(8.0, 1.9), dpi=_DPI)
+    left = 0.0
+    for label, value, colour in parts:
+        width = max(float(value), 0.0)
+        ax.barh(0, width, left=left, color=colour, label=f"{label}: {value:.2f}")
+        left += width
+    ax.set_yticks([])
+    ax.set_xlabel("nats per example")
+    ax.set_title(f"Where the KL goes: {anatomy['average_kl']:.2f} nats on average", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_kl_per_dim(kl_per_dim, path) -> Path:
     """Bar chart of the average KL of each latent dimension (collapsed dimensions sit near 0)."""
-    return _save(_kl_bar_figure(kl_per_dim), path)
+    return save_figure(kl_bar_figure(kl_per_dim), path)
 
 
 # ------------------------------------------------------------------------------------ importance sampling
@@ -513,4 +533,4 @@ def plot_is_diagnostics(diagnostics: dict, path, *, split: str = "test") -> Path
     ax.set_title("log p(x) against K: it should flatten", fontsize=11)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
+from elbolab import runs
 from elbolab.data.core import as_batch
 from elbolab.errors import ElbolabError
+from elbolab.figures.prior_holes import plot_prior_holes
+from elbolab.loading import load_run, load_run_data
 
 THRESHOLD = 0.1  # q(z)/p(z) below this: a hole
 COVERED = 1.0  # q(z)/p(z) above this: well covered
@@ -139,19 +142,14 @@ def prior_holes(run_dir, *, split: str = "test", n_points: int = 2000, threshold
     """The prior-hole analysis of a trained run (N(0, I) prior) on ``split``: a JSON-ready dict {"mass", "se",
     "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim", "full_space"
     (d > 2), "figures"}; with ``figures`` the density figure (run_dir/figures/prior_holes.png) is drawn."""
-    from elbolab import runs
-    from elbolab.pipeline import _load_splits
-
     if split not in ("train", "val", "test"):
         raise ElbolabError(f"prior holes: expected split train, val or test, got {split!r}")
-    model, config = runs.load_run(run_dir)
-    data = getattr(_load_splits(config["data"]), split)
+    model, config = load_run(run_dir)
+    data = getattr(load_run_data(config["data"]), split)
     result = analyse(model, data, n_points=n_points, threshold=threshold, covered=covered, n_samples=n_samples,
                      n_images=n_images, seed=seed)
     paths = []
     if figures:
-        from elbolab.figures.prior_holes import plot_prior_holes
-
         paths.append(plot_prior_holes(result, Path(run_dir) / runs.FIGURES / "prior_holes.png",
                                       image_shape=model.config.image_shape))
     keep = ("mass", "se", "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim",

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from elbolab.errors import CheckpointError
+from elbolab.records import Estimate, Evaluation
 
 __all__ = ["write_report", "write_command_report", "figure_html", "table_html", "note_html"]
 
@@ -35,10 +36,6 @@ _FIGURE_KINDS = (
 # Fallback headline when eval.json has no log p(x) block: the first top-level number whose key matches.
 _HEADLINE_FALLBACKS = (("elbo", "ELBO"), ("log_likelihood", "Log-likelihood"), ("loglik", "Log-likelihood"),
                        ("nll", "NLL"))
-# Fields of a log p(x) estimate (evaluate.LogLikelihoodEstimate.to_dict, plus the flags evaluate_model adds);
-# "stderr" is the older name of the s.e. over examples.
-_ESTIMATE_FIELDS = ("mean", "mc_stderr", "bias_estimate", "sd_over_examples", "stderr_over_examples", "stderr",
-                    "ess_mean", "ess_min", "k", "n_examples", "is_density", "is_exact_estimate")
 _CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --accent:#2f6fb0; --bg:#fafbfc; }
 * { box-sizing: border-box; }
@@ -246,15 +243,6 @@ def _with_mc_se(mean, mc_se) -> str:
     return f"{mean:.{decimals}f} ± {mc_se:.{decimals}f} (MC s.e.)"
 
 
-def _estimate_block(evaluation: dict, key: str) -> tuple[dict | None, set[str]]:
-    """A log p(x) estimate as a dict: ``evaluation[key]`` if it is one, else the flat ``key_<field>`` keys of
-    older files. Returns (block or None, top-level keys it used)."""
-    if isinstance(evaluation.get(key), dict):
-        return dict(evaluation[key]), {key}
-    flat = {f: evaluation[f"{key}_{f}"] for f in _ESTIMATE_FIELDS if f"{key}_{f}" in evaluation}
-    return (flat or None), {f"{key}_{f}" for f in flat}
-
-
 def _likelihood_name(config, note: str | None) -> str | None:
     model_config = config.get("model_config") if isinstance(config, dict) else None
     name = model_config.get("likelihood") if isinstance(model_config, dict) else None
@@ -265,65 +253,61 @@ def _likelihood_name(config, note: str | None) -> str | None:
     return None
 
 
-def _log_px_name(block: dict, note: str | None, config) -> str:
+def _log_px_name(block: Estimate, note: str | None, config) -> str:
     """What the number is: 'log p(x)' only when it is a log-density without caveats."""
-    if block.get("is_density") is False:
+    if block.is_density is False:
         likelihood = _likelihood_name(config, note)
         return f"{likelihood} score (not a log-density)" if likelihood else "Score (not a log-density)"
-    if block.get("is_exact_estimate") is False:
+    if block.is_exact_estimate is False:
         return "log p(x) (approximate)"
     return "log p(x) (see note)" if note else "log p(x)"
 
 
-def _estimate_rows(block: dict, name: str, split: str) -> list[tuple[str, str, str]]:
+def _estimate_rows(block: Estimate, name: str, split: str) -> list[tuple[str, str, str]]:
     """(quantity, value, meaning) rows of one log p(x) estimate; the ± pairs only the mean and its MC s.e."""
     rows = []
-    mc_se = block.get("mc_stderr")
     meaning = "mean over the examples, in nats"
-    if _finite(mc_se):
+    if _finite(block.mc_stderr):
         meaning += "; ± is the Monte-Carlo standard error (other importance samples, same examples)"
     else:
         meaning += "; no Monte-Carlo standard error recorded for this estimate"
-    rows.append((name, _with_mc_se(block.get("mean"), mc_se), meaning))
-    if _finite(block.get("bias_estimate")):
-        rows.append(("Estimated bias of the mean", _fmt(float(block["bias_estimate"])),
+    rows.append((name, _with_mc_se(block.mean, block.mc_stderr), meaning))
+    if _finite(block.bias_estimate):
+        rows.append(("Estimated bias of the mean", _fmt(float(block.bias_estimate)),
                      "delta-method estimate of the (downward) bias from a finite K; small against the MC s.e. "
                      "is good"))
-    if _finite(block.get("sd_over_examples")):
-        rows.append(("s.d. over examples", f"{block['sd_over_examples']:.2f}",
+    if _finite(block.sd_over_examples):
+        rows.append(("s.d. over examples", f"{block.sd_over_examples:.2f}",
                      "spread of the per-example values: how different the examples are"))
-    over = block.get("stderr_over_examples", block.get("stderr"))
-    if _finite(over):
-        rows.append((f"s.e. over examples (sampling of the {split} set)", _fmt(float(over)),
+    if _finite(block.stderr_over_examples):
+        rows.append((f"s.e. over examples (sampling of the {split} set)", _fmt(float(block.stderr_over_examples)),
                      f"how much the mean would move with another {split} set of this size; not a Monte-Carlo "
                      "error, and not for comparing two models on the same examples"))
-    ess_mean, ess_min, k = block.get("ess_mean"), block.get("ess_min"), block.get("k")
-    of_k = f" of K = {k:,}" if isinstance(k, int) and not isinstance(k, bool) else ""
-    if _finite(ess_mean):
-        rows.append(("Effective sample size, mean over examples", f"{ess_mean:,.1f}{of_k}",
+    of_k = f" of K = {block.k:,}" if block.k is not None else ""
+    if _finite(block.ess_mean):
+        rows.append(("Effective sample size, mean over examples", f"{block.ess_mean:,.1f}{of_k}",
                      "Kish ESS of the importance weights; small values make the MC s.e. optimistic"))
-    if _finite(ess_min):
-        rows.append(("Effective sample size, worst example", f"{ess_min:,.1f}{of_k}", ""))
-    if isinstance(k, int) and not isinstance(k, bool):
-        rows.append(("Importance samples per example (K)", f"{k:,}", ""))
-    if block.get("n_examples") is not None:
-        rows.append(("Examples", _count(block["n_examples"]), f"{split} examples averaged over"))
+    if _finite(block.ess_min):
+        rows.append(("Effective sample size, worst example", f"{block.ess_min:,.1f}{of_k}", ""))
+    if block.k is not None:
+        rows.append(("Importance samples per example (K)", f"{block.k:,}", ""))
+    if block.n_examples is not None:
+        rows.append(("Examples", _count(block.n_examples), f"{split} examples averaged over"))
     return rows
 
 
-def _evaluation_history(latest: dict[str, dict], n_kept: int) -> str:
+def _evaluation_history(latest: dict[str, Evaluation], n_kept: int) -> str:
     """The newest evaluation of each split with its protocol (K, examples, weights, date)."""
     if not latest:
         return ""
     rows = []
     for split, record in latest.items():
-        block = record.get("log_px") if isinstance(record.get("log_px"), dict) else {}
-        limit = record.get("limit")
+        block = record.log_px or Estimate()
         rows.append((
-            split, _fmt(block.get("mean")), _fmt(block.get("mc_stderr")), _fmt(record.get("elbo")),
-            _fmt(block.get("k")), _count(block["n_examples"]) + (" (--limit)" if limit else "")
-            if isinstance(block.get("n_examples"), int) else "",
-            _text(record.get("weights", "")), _text(str(record.get("evaluated_at", "")).replace("T", " ")[:19]),
+            split, _fmt(block.mean), _fmt(block.mc_stderr), _fmt(record.elbo), _fmt(block.k),
+            _count(block.n_examples) + (" (--limit)" if record.limit else "") if block.n_examples is not None
+            else "",
+            _text(record.weights or ""), _text(str(record.evaluated_at or "").replace("T", " ")[:19]),
         ))
     header = ("Split", "log p(x) (nats)", "Monte-Carlo s.e.", "ELBO", "K", "Examples", "Weights", "Evaluated (UTC)")
     kept = (f"{n_kept} evaluation{'s' if n_kept != 1 else ''} kept in evaluations/; the newest of each split is "
@@ -331,165 +315,179 @@ def _evaluation_history(latest: dict[str, dict], n_kept: int) -> str:
     return "<h3>Every split, newest evaluation</h3>" + _table(rows, header, numeric_cols=(1, 2, 3, 4)) + _note(kept)
 
 
-def _evaluation_section(evaluation: dict, config, *, draw_kl: bool = True) -> tuple[str, dict | None, str | None]:
-    """eval.json as grouped, human-named tables (log p(x) estimate, latent diagnostics, the rest), with a bar chart
-    of the KL per dimension when ``draw_kl``.
+_MEANING = ("Quantity", "Value", "Meaning")
 
-    Returns (html, headline card or None, note to show prominently next to log p(x) or None).
-    """
-    used: set[str] = set()
-    parts: list[str] = []
-    split = evaluation.get("split") if isinstance(evaluation.get("split"), str) else "test"
-    header = ("Quantity", "Value", "Meaning")
 
-    context = []
-    if isinstance(evaluation.get("dataset"), str):
-        context.append(f"data {evaluation['dataset']}")
-    if isinstance(evaluation.get("model"), str):
-        context.append(f"model {evaluation['model']}")
-    if evaluation.get("seed") is not None:
-        context.append(f"seed {_text(evaluation['seed'])}")
-    for key, label in (("weights", "weights"), ("precision", "precision"), ("device", "device")):
-        if isinstance(evaluation.get(key), str):
-            context.append(f"{label} {evaluation[key]}")
-    if isinstance(evaluation.get("limit"), int):
-        context.append(f"first {evaluation['limit']:,} examples only (--limit)")
-    if isinstance(evaluation.get("evaluated_at"), str):
-        context.append(f"at {evaluation['evaluated_at'].replace('T', ' ')[:16]} UTC")
-    # shown in this line or as the IS-diagnostics figure, not as raw values
-    used |= {"weights", "precision", "device", "limit", "evaluated_at", "seed", "log_px_against_k", "saved_to"}
-    if "split" in evaluation or context:
-        parts.append(f"<p>Evaluated on the <strong>{_e(split)}</strong> split"
-                     + (f" ({_e(', '.join(context))})" if context else "") + ".</p>")
+def _evaluation_section(evaluation: Evaluation, config, *, draw_kl: bool = True) -> tuple[str, dict | None,
+                                                                                           str | None]:
+    """The evaluation record as grouped, human-named tables (what was evaluated, log p(x), the latent space, the
+    rest), with a bar chart of the KL per dimension when ``draw_kl``.
 
-    # ---- log p(x)
-    block, keys = _estimate_block(evaluation, "log_px")
-    used |= keys
-    note = evaluation.get("log_px_note") if isinstance(evaluation.get("log_px_note"), str) else None
-    used.add("log_px_note")
-    headline = None
-    callout = None
+    Returns (html, headline card or None, note to show prominently next to log p(x) or None)."""
+    log_px_html, headline, callout = _log_px_section(evaluation, config)
+    parts = [_context_line(evaluation), log_px_html, _naive_section(evaluation),
+             _latent_section(evaluation, draw_kl), _further_section(evaluation)]
+    html = "".join(parts)
+    return (html or _note("eval.json holds no values.")), headline, callout
+
+
+def _context_line(ev: Evaluation) -> str:
+    context = [f"{label} {value}" for label, value in (("data", ev.dataset), ("model", ev.model)) if value]
+    if ev.seed is not None:
+        context.append(f"seed {_text(ev.seed)}")
+    context += [f"{label} {value}" for label, value in (("weights", ev.weights), ("precision", ev.precision),
+                                                        ("device", ev.device)) if value]
+    if ev.limit is not None:
+        context.append(f"first {ev.limit:,} examples only (--limit)")
+    if ev.evaluated_at:
+        context.append(f"at {ev.evaluated_at.replace('T', ' ')[:16]} UTC")
+    return (f"<p>Evaluated on the <strong>{_e(ev.split)}</strong> split"
+            + (f" ({_e(', '.join(context))})" if context else "") + ".</p>")
+
+
+def _log_px_section(ev: Evaluation, config) -> tuple[str, dict | None, str | None]:
+    """The log p(x) table (the estimate, the ELBO, a paired comparison), the headline card and the caveat."""
     rows: list[tuple[str, str, str]] = []
+    headline, callout, note = None, None, ev.log_px_note
+    block = ev.log_px
     if block is not None:
-        for legacy in ("ess_mean", "ess_min", "k"):  # older files kept these at the top level
-            if legacy not in block and legacy in evaluation:
-                block[legacy] = evaluation[legacy]
-                used.add(legacy)
-        if "n_examples" not in block and "n_examples" in evaluation:
-            block["n_examples"] = evaluation["n_examples"]
         name = _log_px_name(block, note, config)
-        rows += _estimate_rows(block, name, split)
-        caveat = block.get("is_density") is False or note is not None
+        rows += _estimate_rows(block, name, ev.split)
+        caveat = block.is_density is False or note is not None
         if caveat:
             callout = note or ("this number is a score of the likelihood on data outside its support, "
                                "not a log-density")
-        sub = "nats; ± Monte-Carlo s.e." if _finite(block.get("mc_stderr")) else "nats; no Monte-Carlo s.e."
-        if isinstance(block.get("k"), int):
-            sub += f"; K = {block['k']:,}"
-        value = _with_mc_se(block.get("mean"), block.get("mc_stderr")).replace(" (MC s.e.)", "")
-        headline = {"label": f"{split} {name}", "value": value,
+        sub = "nats; ± Monte-Carlo s.e." if _finite(block.mc_stderr) else "nats; no Monte-Carlo s.e."
+        if block.k is not None:
+            sub += f"; K = {block.k:,}"
+        value = _with_mc_se(block.mean, block.mc_stderr).replace(" (MC s.e.)", "")
+        headline = {"label": f"{ev.split} {name}", "value": value,
                     "sub": sub + ("; see the note below" if caveat else ""), "warn": caveat}
-    if _is_number(evaluation.get("elbo")):
-        rows.append(("ELBO", f"{evaluation['elbo']:.2f}", "mean evidence lower bound over the same examples, nats"))
-        used.add("elbo")
+    if ev.elbo is not None:
+        rows.append(("ELBO", f"{ev.elbo:.2f}", "mean evidence lower bound over the same examples, nats"))
         if headline is None:
-            headline = {"label": f"{split} ELBO", "value": f"{evaluation['elbo']:.2f}", "sub": "nats"}
-    compare = evaluation.get("compare")
-    if isinstance(compare, dict) and _finite(compare.get("mean_difference")):
-        used.add("compare")
-        other = compare.get("other_run", "the other run")
-        diff, se, n = compare["mean_difference"], compare.get("stderr"), compare.get("n_examples")
-        value = f"{diff:+.3f}" + (f" ± {se:.3f}" if _finite(se) else "")
-        over = f"s.e. over {_count(n)} examples" if n is not None else "s.e. over the examples"
-        rows.append((f"Paired difference vs {other}", f"{value} ({over})" if _finite(se) else value,
+            headline = {"label": f"{ev.split} ELBO", "value": f"{ev.elbo:.2f}", "sub": "nats"}
+    rows += _sandwich_rows(ev)
+    compare = ev.compare
+    if compare is not None and _finite(compare.mean_difference):
+        other = compare.other_run or "the other run"
+        value = f"{compare.mean_difference:+.3f}" + (f" ± {compare.stderr:.3f}" if _finite(compare.stderr) else "")
+        over = f"s.e. over {_count(compare.n_examples)} examples" if compare.n_examples is not None else \
+            "s.e. over the examples"
+        rows.append((f"Paired difference vs {other}", f"{value} ({over})" if _finite(compare.stderr) else value,
                      "this run minus the other, example by example on the same examples; ± is the s.e. of the "
                      "mean difference over examples"))
-        if _finite(compare.get("other_mean")):
-            rows.append((f"log p(x) of {other}", f"{compare['other_mean']:.2f}", "same examples, same settings"))
-    if rows:
-        parts.append("<h3>log p(x) estimate</h3>")
-        if callout:
-            parts.append(f'<div class="callout"><strong>Note:</strong> {_e(callout)}</div>')
-        parts.append(_table(rows, header, numeric_cols=(1,)))
+        if _finite(compare.other_mean):
+            rows.append((f"log p(x) of {other}", f"{compare.other_mean:.2f}", "same examples, same settings"))
+    if not rows:
+        return "", headline, callout
+    html = "<h3>log p(x) estimate</h3>"
+    if callout:
+        html += f'<div class="callout"><strong>Note:</strong> {_e(callout)}</div>'
+    return html + _table(rows, _MEANING, numeric_cols=(1,)), headline, callout
 
-    # ---- the naive estimator, for comparison
-    for key in ("log_px_naive", "naive_log_px"):
-        naive, keys = _estimate_block(evaluation, key)
-        if naive is not None:
-            used |= keys
-            parts.append("<h3>Naive estimator (samples from the prior), for comparison</h3>")
-            parts.append(_table(_estimate_rows(naive, "log p(x), naive estimate", split), header, numeric_cols=(1,)))
 
-    # ---- latent diagnostics
+def _sandwich_rows(ev: Evaluation) -> list[tuple[str, str, str]]:
+    """AIS (a stochastic lower bound on these examples) and BDMC (two bounds on data simulated from the model)."""
     rows = []
-    latent_dim = evaluation.get("latent_dim")
-    if _is_number(latent_dim):
-        rows.append(("Latent dimensions", _count(latent_dim), ""))
-        used.add("latent_dim")
-    if _is_number(evaluation.get("active_units")):
-        of = f" of {latent_dim}" if _is_number(latent_dim) else ""
-        rows.append(("Active units", f"{_count(evaluation['active_units'])}{of}",
+    ais = ev.log_px_ais or {}
+    if _finite(ais.get("mean")):
+        rows.append(("log p(x) by AIS", _with_mc_se(ais["mean"], ais.get("mc_stderr")),
+                     f"annealed importance sampling, {_count(ais.get('steps'))} steps x {_count(ais.get('chains'))} "
+                     f"chains, on the first {_count(ais.get('n_examples'))} examples (a stochastic lower bound; "
+                     f"HMC acceptance {_fmt(ais.get('acceptance'))}; {_fmt(ais.get('seconds'))} s)"))
+    sandwich = ev.bdmc or {}
+    if _finite(sandwich.get("lower")) and _finite(sandwich.get("upper")):
+        rows.append(("BDMC bounds on simulated data", f"{sandwich['lower']:.2f} to {sandwich['upper']:.2f}",
+                     f"true log p(x) of {_count(sandwich.get('n_examples'))} examples drawn from the model lies "
+                     f"between them; gap {_fmt(sandwich.get('gap'))} nats at {_count(sandwich.get('steps'))} steps "
+                     "(a small gap: AIS at this budget can be trusted)"))
+    return rows
+
+
+def _naive_section(ev: Evaluation) -> str:
+    if ev.log_px_naive is None:
+        return ""
+    return ("<h3>Naive estimator (samples from the prior), for comparison</h3>"
+            + _table(_estimate_rows(ev.log_px_naive, "log p(x), naive estimate", ev.split), _MEANING,
+                     numeric_cols=(1,)))
+
+
+def _latent_section(ev: Evaluation, draw_kl: bool) -> str:
+    rows = []
+    if ev.latent_dim is not None:
+        rows.append(("Latent dimensions", _count(ev.latent_dim), ""))
+    if ev.active_units is not None:
+        of = f" of {ev.latent_dim}" if ev.latent_dim is not None else ""
+        rows.append(("Active units", f"{_count(ev.active_units)}{of}",
                      "units whose posterior mean varies across examples (Cov_x E[z_u|x] > 0.01)"))
-        used.add("active_units")
-    if isinstance(evaluation.get("active_units_per_group"), dict):
-        for group, count in evaluation["active_units_per_group"].items():
-            rows.append((f"Active units, group {group}", _count(count), ""))
-        used.add("active_units_per_group")
-    kl_per_dim = evaluation.get("kl_per_dim")
-    if isinstance(kl_per_dim, list) and kl_per_dim and all(_is_number(v) for v in kl_per_dim):
-        kl_per_dim = [float(v) for v in kl_per_dim]
+    for group, count in (ev.active_units_per_group or {}).items():
+        rows.append((f"Active units, group {group}", _count(count), ""))
+    kl_per_dim = [float(v) for v in ev.kl_per_dim] if ev.kl_per_dim else None
+    if kl_per_dim:
         rows.append(("KL, sum over dimensions", f"{sum(kl_per_dim):.2f}", "mean KL(q(z|x) || p(z)) in nats"))
         spread = (_fmt(kl_per_dim[0]) if len(kl_per_dim) == 1 else
                   f"{len(kl_per_dim)} values, min {_fmt(min(kl_per_dim))}, max {_fmt(max(kl_per_dim))}")
         rows.append(("KL per dimension", spread, "near 0: an inactive unit; see the chart"))
-        used.add("kl_per_dim")
-    else:
-        if "kl_per_dim" in evaluation and kl_per_dim is None:
-            used.add("kl_per_dim")  # a model without a per-dimension KL
-        kl_per_dim = None
-    if isinstance(evaluation.get("kl_per_group"), dict):
-        for group, value in evaluation["kl_per_group"].items():
-            rows.append((f"KL, group {group}", _fmt(value), "nats"))
-        used.add("kl_per_group")
-    if rows:
-        parts.append("<h3>Latent diagnostics</h3>")
-        parts.append(_table(rows, header, numeric_cols=(1,)))
-    if kl_per_dim is not None and draw_kl:
-        from elbolab.plots import _kl_bar_figure, figure_png_bytes  # matplotlib only when needed
+    for group, value in (ev.kl_per_group or {}).items():
+        rows.append((f"KL, group {group}", _fmt(value), "nats"))
+    anatomy = ev.kl_anatomy or {}
+    keys = ("mutual_information", "total_correlation", "dimension_wise_kl", "average_kl")
+    if all(_finite(anatomy.get(k)) for k in keys):
+        for label, key, meaning in (
+                ("KL anatomy: index-code mutual information I(x; z)", "mutual_information",
+                 f"how much z says about which example it came from; at most log N = "
+                 f"{_fmt(anatomy.get('mutual_information_bound'))}"),
+                ("KL anatomy: total correlation of q(z)", "total_correlation",
+                 "dependence between the latent dimensions of the aggregate posterior (0: factorised)"),
+                ("KL anatomy: dimension-wise KL", "dimension_wise_kl",
+                 "sum_j KL(q(z_j) || p(z_j)): how far each marginal of q(z) is from the prior's")):
+            se = anatomy.get(f"{key}_se")
+            rows.append((label, _with_mc_se(anatomy[key], se).replace(" (MC s.e.)", ""), meaning))
+    html = ("<h3>Latent diagnostics</h3>" + _table(rows, _MEANING, numeric_cols=(1,))) if rows else ""
+    if all(_finite(anatomy.get(k)) for k in keys):
+        from elbolab.plots import figure_png_bytes, kl_anatomy_figure  # matplotlib only when needed
 
-        parts.append('<div class="figures">' + _figure(figure_png_bytes(_kl_bar_figure(kl_per_dim)),
-                             "Average KL per latent dimension (near 0: an inactive unit)") + "</div>")
+        caption = (f"The mean KL split three ways over {_count(anatomy.get('n_points'))} examples (exact aggregate "
+                   "posterior; Chen et al. 2018)")
+        html += '<div class="figures">' + _figure(figure_png_bytes(kl_anatomy_figure(anatomy)), caption) + "</div>"
+    if kl_per_dim and draw_kl:
+        from elbolab.plots import figure_png_bytes, kl_bar_figure  # matplotlib only when needed
 
-    # ---- disentanglement (eval --disentanglement), the model's own numbers, then anything else
-    scores = evaluation.get("disentanglement")
-    if isinstance(scores, dict):
-        used.add("disentanglement")
-        rows = [(label, _fmt(scores.get(key, {}).get(field))) for label, key, field in (
+        html += ('<div class="figures">' + _figure(figure_png_bytes(kl_bar_figure(kl_per_dim)),
+                                                   "Average KL per latent dimension (near 0: an inactive unit)")
+                 + "</div>")
+    return html
+
+
+def _further_section(ev: Evaluation) -> str:
+    """Disentanglement metrics, the model's own numbers, and whatever else the record holds."""
+    parts = []
+    scores = ev.disentanglement
+    if scores:
+        rows = [(label, _fmt((scores.get(key) or {}).get(field))) for label, key, field in (
             ("beta-VAE metric (held-out accuracy)", "beta_vae", "eval_accuracy"),
             ("FactorVAE metric (held-out accuracy)", "factor_vae", "eval_accuracy"),
             ("Mutual information gap (MIG)", "mig", "mig"))]
-        per_factor = scores.get("mig", {}).get("per_factor") or {}
+        per_factor = (scores.get("mig") or {}).get("per_factor") or {}
         rows += [(f"MIG of factor {name}", _fmt(value)) for name, value in per_factor.items()]
-        parts.append("<h3>Disentanglement</h3>")
-        parts.append(_table(rows, ("Metric", "Value"), numeric_cols=(1,)))
-    if isinstance(evaluation.get("model_metrics"), dict) and evaluation["model_metrics"]:
-        used.add("model_metrics")
-        parts.append("<h3>Model-specific metrics</h3>")
-        parts.append(_table([(k.replace("_", " "), _fmt(v)) for k, v in _flatten(evaluation["model_metrics"]).items()],
-                            ("Metric", "Value"), numeric_cols=(1,)))
-    used |= {"split", "dataset", "model", "seed", "n_examples"}
-    rest = {k: v for k, v in evaluation.items() if k not in used}
+        parts.append("<h3>Disentanglement</h3>" + _table(rows, ("Metric", "Value"), numeric_cols=(1,)))
+    if ev.model_metrics:
+        parts.append("<h3>Model-specific metrics</h3>" + _table(
+            [(k.replace("_", " "), _fmt(v)) for k, v in _flatten(ev.model_metrics).items()], ("Metric", "Value"),
+            numeric_cols=(1,)))
+    shown_elsewhere = {"saved_to", "compiled", "compile_fallback"}
+    rest = {k: v for k, v in ev.other.items() if k not in shown_elsewhere}
     if rest:
-        parts.append("<h3>Other values</h3>")
-        parts.append(_table([(k, _fmt(v)) for k, v in _flatten(rest).items()], ("Key", "Value"), numeric_cols=(1,)))
-    if not parts:
-        parts.append(_note("eval.json holds no values."))
-    return "".join(parts), headline, callout
+        parts.append("<h3>Other values</h3>" + _table([(k, _fmt(v)) for k, v in _flatten(rest).items()],
+                                                      ("Key", "Value"), numeric_cols=(1,)))
+    return "".join(parts)
 
 
-def _headline_fallback(evaluation: dict) -> dict | None:
+def _headline_fallback(evaluation: Evaluation) -> dict | None:
+    """A headline from a foreign eval.json (an "nll" or "loglik" key of another program)."""
     for key, label in _HEADLINE_FALLBACKS:
-        for name, value in evaluation.items():
+        for name, value in evaluation.other.items():
             if key in name.lower() and _finite(value):
                 return {"label": label if name.lower() == key else name, "value": _fmt(float(value))}
     return None
@@ -623,7 +621,8 @@ def _training_seconds(manifest: dict) -> float | None:
     return float(seconds) if _finite(seconds) else None
 
 
-def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_facts, evaluation=None) -> str:
+def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_facts,
+                   evaluation: Evaluation | None = None) -> str:
     cards = [_card("Run", run_dir.resolve().name)]
     flat_config = _flatten(config) if isinstance(config, dict) else {}
     model = next((flat_config[k] for k in ("model", "model.name", "model_name", "model.kind")
@@ -640,16 +639,15 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
         cards.append(_card("Seed", _text(seed)))
     if headline is not None:
         cards.append(_card(headline["label"], headline["value"], headline.get("sub"), warn=headline.get("warn", False)))
-    if isinstance(evaluation, dict):
-        if _finite(evaluation.get("elbo")):
-            cards.append(_card(f"{evaluation.get('split', 'test')} ELBO", f"{evaluation['elbo']:.2f}",
-                               "nats per example, same examples"))
-        kl = evaluation.get("kl_per_dim")
-        if isinstance(kl, list) and kl and all(_finite(v) for v in kl):
+    if evaluation is not None:
+        if _finite(evaluation.elbo):
+            cards.append(_card(f"{evaluation.split} ELBO", f"{evaluation.elbo:.2f}", "nats per example, same examples"))
+        kl = evaluation.kl_per_dim
+        if kl and all(_finite(v) for v in kl):
             cards.append(_card("KL(q(z|x) || p(z))", f"{sum(kl):.2f}", f"nats, over {len(kl)} latent dimensions"))
-        if isinstance(evaluation.get("active_units"), int) and isinstance(evaluation.get("latent_dim"), int):
-            cards.append(_card("Active units", f"{evaluation['active_units']} of {evaluation['latent_dim']}",
-                               "Cov_x E[z|x] > 0.01", warn=evaluation["active_units"] == 0))
+        if evaluation.active_units is not None and evaluation.latent_dim is not None:
+            cards.append(_card("Active units", f"{evaluation.active_units} of {evaluation.latent_dim}",
+                               "Cov_x E[z|x] > 0.01", warn=evaluation.active_units == 0))
     cards += [_card(k, v) for k, v in training_facts.items()]
     if isinstance(manifest, dict):
         seconds = _training_seconds(manifest)
@@ -680,7 +678,7 @@ def _explorer_section(run_dir: Path) -> str | None:
     if not (run_dir / WEIGHTS).is_file():
         return None
     from elbolab.explorer import ExplorerUnavailable, decoder_spec, explorer_html
-    from elbolab.runs import load_run
+    from elbolab.loading import load_run, load_run_data
 
     static = "the static figures below show the decoder instead."
     try:
@@ -692,9 +690,7 @@ def _explorer_section(run_dir: Path) -> str | None:
         return _note(f"The interactive explorer could not load the model ({type(exc).__name__}: {exc}); {static}")
     data, data_note = None, None
     try:
-        from elbolab.pipeline import _load_splits
-
-        data = _load_splits(config["data"]).test
+        data = load_run_data(config["data"]).test
     except Exception as exc:  # noqa: BLE001
         data_note = (f"The test data could not be loaded ({type(exc).__name__}: {exc}), so the plane shows no "
                      "encoded examples.")
@@ -725,7 +721,7 @@ def write_report(run_dir) -> Path:
     from elbolab.runs import latest_per_split, read_evaluations
 
     history = read_evaluations(run_dir)
-    latest = latest_per_split(history)
+    latest = {split: Evaluation.from_dict(record) for split, record in latest_per_split(history).items()}
     if latest:  # the detailed tables show the newest test evaluation (else the newest of any split)
         evaluation, eval_note = next(iter(latest.values())), None
     else:
@@ -737,10 +733,11 @@ def write_report(run_dir) -> Path:
         return note if value is None or isinstance(value, dict) else f"{name} is not a JSON object; skipped."
 
     config_note = not_an_object("config.json", config, config_note)
-    eval_note = not_an_object("eval.json", evaluation, eval_note)
+    eval_note = not_an_object("eval.json", evaluation, eval_note) if not isinstance(evaluation, Evaluation) else None
     manifest_note = not_an_object("manifest.json", manifest, manifest_note)
 
-    if isinstance(evaluation, dict):
+    evaluation = Evaluation.from_dict(evaluation) if isinstance(evaluation, dict) else evaluation
+    if isinstance(evaluation, Evaluation):
         has_kl_figure = any("kl_per_dim" in p.stem.lower() for p in (run_dir / "figures").glob("*.png"))
         eval_html, headline, callout = _evaluation_section(evaluation, config, draw_kl=not has_kl_figure)
         eval_html += _evaluation_history(latest, len(history))
@@ -751,7 +748,7 @@ def write_report(run_dir) -> Path:
 
     sections = [
         ("summary", "Summary", _summary_cards(run_dir, config, manifest, headline, callout, training_facts,
-                                              evaluation if isinstance(evaluation, dict) else None)),
+                                              evaluation if isinstance(evaluation, Evaluation) else None)),
     ]
     explorer = _explorer_section(run_dir)
     if explorer is not None:

@@ -30,9 +30,9 @@ def one_thread():
 
 @pytest.fixture
 def compile_fails(monkeypatch):
-    """``elbolab.evaluate`` on a machine where torch.compile fails: the compiled function raises on its first call,
-    as inductor does without a working C++ compiler. The message the error carries is returned."""
-    import elbolab.evaluate as evaluate
+    """``elbolab.estimators`` on a machine where torch.compile fails: the compiled function raises on its first
+    call, as inductor does without a working C++ compiler. The message the error carries is returned."""
+    import elbolab.estimators as estimators
 
     message = "InvalidCxxCompiler: no working C++ compiler found"
 
@@ -41,5 +41,25 @@ def compile_fails(monkeypatch):
             raise RuntimeError(message)
         return compiled
 
-    monkeypatch.setattr(evaluate, "_compile", broken_compile)
+    monkeypatch.setattr(estimators, "_compile", broken_compile)
     return message
+
+
+def write_bow_corpus(folder, n_train=60, n_test=20, vocabulary=12, seed=0):
+    """Documents from two planted topics over ``vocabulary`` words (ids from 1), in the 20news format."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.new").write_text("".join(f"word{j} 0\n" for j in range(vocabulary)))
+    rng = np.random.default_rng(seed)
+    half = vocabulary // 2
+    topic = np.stack([np.r_[np.full(half, 2.0), np.full(vocabulary - half, 0.1)],
+                      np.r_[np.full(half, 0.1), np.full(vocabulary - half, 2.0)]])
+    for name, n in (("train.feat", n_train), ("test.feat", n_test)):
+        lines = []
+        for i in range(n):
+            p = topic[i % 2] / topic[i % 2].sum()
+            counts = rng.multinomial(rng.integers(5, 30), p)
+            lines.append(" ".join(["1"] + [f"{j + 1}:{c}" for j, c in enumerate(counts) if c]))
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder

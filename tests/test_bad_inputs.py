@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import elbolab
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
 from elbolab.cli import main
 from elbolab.data import load_arrays, load_data, load_mnist, read_idx
 from elbolab.errors import CheckpointError, DataError, ElbolabError
@@ -56,7 +56,7 @@ def cli(capsys, *args):
 def test_edited_latent_dim_names_the_tensor_and_shapes(run, capsys):
     edit_config(run, lambda c: c["model_config"].update(latent_dim=5))
     with pytest.raises(CheckpointError) as info:
-        runs.load_run(run)
+        loading.load_run(run)
     message = str(info.value)
     assert "encoder.loc.weight" in message and "[2, 8]" in message and "[5, 8]" in message
     assert "latent_dim=5" in message and "restore config.json" in message
@@ -68,7 +68,7 @@ def test_edited_latent_dim_names_the_tensor_and_shapes(run, capsys):
 def test_missing_key_in_config_is_named(run, key):
     edit_config(run, lambda c: c.pop(key))
     with pytest.raises(CheckpointError, match=f"lacks '{key}'.*train again"):
-        runs.load_run(run)
+        loading.load_run(run)
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -83,14 +83,14 @@ def test_missing_key_in_config_is_named(run, key):
 def test_wrong_types_in_config_give_one_checkpoint_error(run, edit, expected):
     edit_config(run, edit)
     with pytest.raises(CheckpointError, match=expected) as info:
-        runs.load_run(run)
+        loading.load_run(run)
     assert str(info.value).startswith(str(run / runs.CONFIG))
 
 
 def test_config_that_is_not_an_object(run):
     (run / runs.CONFIG).write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="expected a JSON object .* got a JSON list"):
-        runs.load_run(run)
+        loading.load_run(run)
 
 
 def test_weights_missing_a_tensor(run):
@@ -98,7 +98,7 @@ def test_weights_missing_a_tensor(run):
     weights.pop("decoder.0.bias")
     save_file(weights, str(run / runs.WEIGHTS))
     with pytest.raises(CheckpointError, match=r"1 tensor\(s\) missing, e.g. \['decoder.0.bias'\]"):
-        runs.load_run(run)
+        loading.load_run(run)
 
 
 # ---------------------------------------------------------------- 2. NaN weights
@@ -111,7 +111,7 @@ def test_nan_weights_are_named_at_load_and_at_eval(run, capsys):
     save_file(weights, str(run / runs.WEIGHTS))
     expected = r"'decoder.0.weight' holds 3 NaN value\(s\) \(and 1 more tensor\(s\)\).*diverged.*damaged"
     with pytest.raises(CheckpointError, match=expected):
-        runs.load_run(run)
+        loading.load_run(run)
     with pytest.raises(CheckpointError, match=expected):
         pipeline.evaluate(run, k=5)
     code, _, err = cli(capsys, "eval", str(run), "--iw-samples", "5", "--no-progress")
@@ -119,7 +119,7 @@ def test_nan_weights_are_named_at_load_and_at_eval(run, capsys):
 
 
 def test_evaluate_model_refuses_a_model_with_nan_parameters(trained):
-    model, config = runs.load_run(trained)
+    model, config = loading.load_run(trained)
     with torch.no_grad():
         model.decoder[0].bias[0] = float("nan")
     test = load_data("digits", seed=config["data"]["seed"]).test
@@ -291,7 +291,7 @@ def test_mistyped_options_from_python(tmp_path, option, expected):
 
 
 def test_load_run_from_the_package_root(trained):
-    assert elbolab.load_run is runs.load_run and "load_run" in elbolab.__all__
+    assert elbolab.load_run is loading.load_run and "load_run" in elbolab.__all__
     model, config = elbolab.load_run(trained)
     assert config["model"] == "vae" and not model.training
     z = model.encode(torch.rand(3, 64)).mean

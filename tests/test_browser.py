@@ -223,7 +223,7 @@ def pixels(page: Page) -> np.ndarray:
 
 
 def test_explorer_picture_follows_the_pointer_and_equals_pytorch(browser, vae_run):
-    from elbolab.runs import load_run
+    from elbolab.loading import load_run
 
     model, _ = load_run(vae_run)
     url = (vae_run / "index.html").resolve().as_uri()

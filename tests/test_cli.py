@@ -77,7 +77,7 @@ def test_eval_sample_report(trained_run, capsys, tmp_path):
     "args, expected",
     [
         (["train", "nosuchmodel", "--out", "{tmp}/a"], "expected a model in"),
-        (["train", "vae", "--out", "{tmp}/a", "--hidden", "4x4"], "expected --hidden"),
+        (["train", "vae", "--out", "{tmp}/a", "--hidden", "4x4"], "--hidden: expected positive integers"),
         (["train", "vae", "--out", "{tmp}/a", "--binarize", "sometimes"], "sometimes"),
         (["train", "vae", "--out", "{tmp}/a", "--data", "{tmp}/missing.npy"], "missing.npy"),
         (["train", "vae", "--out", "{tmp}/a", "--likelihood", "poisson"], "likelihood"),
@@ -145,3 +145,65 @@ def test_vae_on_real_mnist_end_to_end(tmp_path, capsys):
     # one epoch of a small VAE on binarised MNIST: a real model, far better than chance (784 log 2 = 543 nats)
     assert -200 < result["log_px"]["mean"] < -90
     assert result["log_px"]["mean"] >= result["elbo"] - 0.5
+
+
+def test_rerunning_a_runs_own_config_reproduces_it(trained_run, tmp_path, capsys):
+    again = tmp_path / "again"
+    code, _, err = run(capsys, "train", "--config", str(trained_run / "config.json"), "--out", str(again),
+                       "--no-progress")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(trained_run / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    mine, theirs = (json.loads((folder / "config.json").read_text()) for folder in (trained_run, again))
+    assert mine["model_config"] == theirs["model_config"] and mine["data"] == theirs["data"]
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", 'model = "vae"\nepochs = 1\nlatent_dim = 3\nhidden = [16]\n[schedules]\nbeta = "linear:0:1:2"\n'),
+    (".json", '{"model": "vae", "epochs": 1, "latent_dim": 3, "hidden": [16], "schedules": {"beta": "linear:0:1:2"}}'),
+    (".yaml", "model: vae\nepochs: 1\nlatent_dim: 3\nhidden: [16]\nschedules:\n  beta: linear:0:1:2\n"),
+])
+def test_a_settings_file_starts_a_run_and_flags_given_win(tmp_path, capsys, suffix, text):
+    settings = tmp_path / f"run{suffix}"
+    settings.write_text(text)
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "--config", str(settings), "--out", str(out), "--latent-dim", "2",
+                       "--no-progress", "--no-tensorboard")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "vae" and config["model_config"]["latent_dim"] == 2  # the flag over the file
+    assert config["model_config"]["hidden"] == [16] and config["train_config"]["epochs"] == 1
+    assert config["train_config"]["schedules"] == {"beta": "linear:0:1:2"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("epochs = [", "not valid TOML"),
+    ('model = "vae"\nlatent_dims = 2\n', "unknown option"),
+    ('model = "vae"\nepochs = "many"\n', "epochs as int"),
+])
+def test_a_bad_settings_file_is_one_line(tmp_path, capsys, text, expected):
+    settings = tmp_path / "bad.toml"
+    settings.write_text(text)
+    code, _, err = run(capsys, "train", "--config", str(settings), "--out", str(tmp_path / "r"), "--no-progress")
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_cli_flags_are_fields_of_the_configs():
+    import dataclasses
+
+    from elbolab.cli import DATA_FLAGS, MODEL_FLAGS, TRAIN_FLAGS
+    from elbolab.config import BETA_SUGAR, TrainConfig
+    from elbolab.models import ModelConfig
+    from elbolab.pipeline import DATA_OPTIONS
+
+    assert set(MODEL_FLAGS.values()) <= {f.name for f in ModelConfig.option_fields()}
+    assert set(TRAIN_FLAGS.values()) <= {f.name for f in dataclasses.fields(TrainConfig)} | set(BETA_SUGAR)
+    assert set(DATA_FLAGS.values()) <= set(DATA_OPTIONS)
+
+
+def test_repeated_set_and_schedule_with_different_values_are_refused(tmp_path, capsys):
+    for args in (["--set", "k=2", "--set", "k=3"], ["--schedule", "beta=constant:1", "--schedule", "beta=constant:2"]):
+        code, _, err = run(capsys, "train", "iwae", "--out", str(tmp_path / "r"), *args, "--no-progress")
+        assert code == 2 and "given twice" in err, err

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
 from elbolab.data import load_data
 from elbolab.data.core import Batch, TensorData
 from elbolab.errors import ElbolabError
@@ -124,7 +124,7 @@ def test_label_conditioning_trains_evaluates_and_draws_each_class(tmp_path):
     from sklearn.linear_model import LogisticRegression
 
     run = pipeline.train("cvae", "digits", out=tmp_path / "label", epochs=25, conditional_prior=True, **QUICK)
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     splits = load_data("digits", seed=0)
     train = splits.train.batch(torch.arange(len(splits.train)))
     classifier = LogisticRegression(max_iter=2000).fit(train.x.numpy(), train.y.numpy())
@@ -153,7 +153,7 @@ def test_quadrant_inpainting_trains_and_beats_an_unconditional_pixel_model(tmp_p
     pixels = torch.distributions.Bernoulli(probs=mean, validate_args=False)
     independent = pixels.log_prob(test.x)[:, missing].sum(-1).mean()
     assert log_p > float(independent) + 1.0  # the given quadrants inform the missing one
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     paths = pipeline.make_figures(run, model=model, splits=splits)
     assert (run / runs.FIGURES / "inpainting.png") in paths and all(p.is_file() for p in paths)
 

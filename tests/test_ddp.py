@@ -97,3 +97,18 @@ def test_two_process_run_with_two_optimisers_matches_one_process(small_npy, tmp_
     _torchrun(str(script), str(small_npy), str(two))
     a = _assert_same_run(one, two)
     assert any(key.startswith("critic.") for key in a)
+
+
+def test_a_two_process_run_stopped_after_a_checkpoint_resumes_bit_identically(small_npy, tmp_path):
+    # a VAE draws noise every step: each rank's random stream must continue where it stopped (the checkpoint keeps
+    # every rank's RNG state); two uninterrupted torchrun runs are identical, so a resumed one must be too
+    vae = ["train", "vae", "--batch-size", "32", "--hidden", "8", "--latent-dim", "2", "--no-progress",
+           "--no-tensorboard", "--data", str(small_npy)]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _torchrun("-m", "elbolab", *vae, "--epochs", "3", "--out", str(straight))
+    _torchrun("-m", "elbolab", *vae, "--epochs", "1", "--out", str(stopped))
+    _torchrun("-m", "elbolab", "train", "--out", str(stopped), "--resume", "--epochs", "3", "--no-progress")
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert _train_records(straight) == [{**r, "seconds": s["seconds"], "time": s["time"]}
+                                        for r, s in zip(_train_records(stopped), _train_records(straight))]

@@ -8,6 +8,7 @@ The encoder is set by hand: its body computes [relu(x), relu(-x)], so its heads 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import warnings
 
@@ -19,16 +20,8 @@ from torch.distributions import MultivariateNormal
 
 from elbolab.data import Batch
 from elbolab.errors import ElbolabError
-from elbolab.evaluate import (
-    LogLikelihoodEstimate,
-    active_units,
-    evaluate_model,
-    importance_diagnostics,
-    importance_sampled_log_px,
-    kl_per_dimension,
-    naive_log_px,
-    plan_chunks,
-)
+from elbolab.estimators import LogLikelihoodEstimate, importance_sampled_log_px, naive_log_px, plan_chunks
+from elbolab.evaluate import active_units, evaluate_model, importance_diagnostics, kl_per_dimension
 from elbolab.models import ModelConfig, build_model
 from elbolab.models.autoencoder import AutoencoderConfig
 from elbolab.objectives import iwae_bound
@@ -463,3 +456,20 @@ def test_compile_failure_falls_back_to_the_eager_estimate(ppca, data, compile_fa
         result = evaluate_model(model, ArrayData(data), k=5, seed=3, compile=True)
     assert result["compiled"] is False and "InvalidCxxCompiler" in result["compile_fallback"]
     assert evaluate_model(model, ArrayData(data), k=5, seed=3)["compiled"] is False
+
+
+def test_eval_with_ais_and_bdmc_writes_the_sandwich_into_the_record(tmp_path):
+    from elbolab import pipeline
+    from elbolab.records import Evaluation
+
+    run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=2, hidden=(32,), latent_dim=2,
+                         binarize="dynamic", progress=False, tensorboard=False, figures=False)
+    result = pipeline.evaluate(run, k=1000, limit=12, ais_steps=40, ais_chains=6, ais_examples=12, bdmc_examples=6,
+                               refresh_report=False)
+    ais, sandwich = result["log_px_ais"], result["bdmc"]
+    assert ais["n_examples"] == 12 and ais["steps"] == 40 and 0.2 < ais["acceptance"] < 1.0
+    # the same 12 examples: AIS (a stochastic lower bound) agrees with IS at K = 1000 on a 2-d latent
+    assert abs(ais["mean"] - result["log_px"]["mean"]) < 3 * (ais["mc_stderr"] + result["log_px"]["mc_stderr"]) + 0.3
+    assert sandwich["lower"] <= sandwich["upper"] + 0.05 and sandwich["gap"] < 2.0
+    ev = Evaluation.from_dict(json.loads(Path(result["saved_to"]).read_text()))
+    assert ev.log_px_ais["mean"] == ais["mean"] and ev.bdmc["gap"] == sandwich["gap"] and not ev.other

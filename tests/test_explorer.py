@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from elbolab import pipeline
+from elbolab import loading, pipeline
 from elbolab.explorer import ExplorerUnavailable, decoder_spec, explorer_html
 from elbolab.models import get_model_class
 from elbolab.report import write_report
@@ -134,10 +134,10 @@ def test_report_has_an_explorer_for_an_mlp_vae(tiny_run):
     page = write_report(tiny_run).read_text(encoding="utf-8")
     assert '<section id="explorer"><h2>Explorer</h2>' in page and 'id="explorer-plane"' in page
     spec, _ = page_parts(page)
-    from elbolab.runs import load_run
+    from elbolab.loading import load_run
 
     model, config = load_run(tiny_run)
-    test = pipeline._load_splits(config["data"]).test
+    test = loading.load_run_data(config["data"]).test
     n = min(len(test), 1000)
     assert spec["n_points"] == n and len(spec["labels"]) == n
     with torch.no_grad():

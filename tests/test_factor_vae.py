@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from elbolab import pipeline
+from elbolab.config import TrainConfig, beta_schedule
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
-from elbolab.models import get_model_class
+from elbolab.models import ModelConfig, get_model_class
 from elbolab.models.base import LatentVariableModel
-from elbolab.models.beta_vae import BetaVAEConfig
 from elbolab.models.factor_vae import FactorVAEConfig
 from elbolab.models.vae import VAE
 from elbolab.schedules import StepContext
-from elbolab.trainer import TrainConfig, Trainer
+from elbolab.trainer import Trainer
 
 SMALL = dict(input_dim=6, latent_dim=3, hidden=(8,))
 QUIET = dict(progress=False, tensorboard=False, figures=False, train_size=300, latent_dim=3, hidden=(32,))
@@ -74,8 +74,8 @@ def test_the_trainer_gives_the_discriminator_the_papers_adam():
     assert disc["lr"] == 2e-4 and disc["betas"] == (0.5, 0.9)
     assert trainer.optimizers["model"].param_groups[0]["lr"] == 1e-3
     with pytest.raises(ElbolabError, match="does not read the scheduled value"):
-        Trainer(factor_vae(), TrainConfig(beta=4.0, progress=False, tensorboard=False), "unused",
-                model_name="factor-vae")
+        Trainer(factor_vae(), TrainConfig(schedules={"beta": "constant:4.0"}, progress=False, tensorboard=False),
+                "unused", model_name="factor-vae")
 
 
 @pytest.mark.parametrize("bad, match", [({"gamma": -1.0}, "gamma >= 0"), ({"discriminator_depth": 0}, "depth"),
@@ -101,11 +101,11 @@ def test_factor_vae_trains_and_evaluates_on_digits(tmp_path):
 # --------------------------------------------------------------------------------------------------- beta-vae
 def beta_vae(**options):
     torch.manual_seed(0)
-    return get_model_class("beta-vae")(BetaVAEConfig(**{**SMALL, **options}))
+    return get_model_class("beta-vae")(ModelConfig(**{**SMALL, **options}))
 
 
 @pytest.mark.parametrize("values, weight", [({}, 4.0), ({"beta": 2.0}, 2.0), ({"beta": 0.0}, 0.0)])
-def test_beta_vae_uses_its_beta_unless_a_schedule_gives_one(values, weight):
+def test_beta_vae_uses_its_default_beta_unless_a_schedule_gives_one(values, weight):
     model, batch = beta_vae(), x_batch()
     torch.manual_seed(3)
     out = model.loss(batch, StepContext(values=values))
@@ -117,13 +117,13 @@ def test_beta_vae_uses_its_beta_unless_a_schedule_gives_one(values, weight):
 
 
 def test_beta_vae_capacity_is_burgess_gamma_times_the_distance_to_c():
-    model, batch = beta_vae(beta=50.0), x_batch()
+    model, batch = beta_vae(), x_batch()
     torch.manual_seed(4)
-    out = model.loss(batch, StepContext(values={"capacity": 3.0}))
+    out = model.loss(batch, StepContext(values={"capacity": 3.0, "beta": 50.0}))
     m = out.metrics
     assert torch.allclose(out.loss, -m["recon"].mean() + 50.0 * (m["kl"].mean() - 3.0).abs())
     with pytest.raises(ElbolabError, match="beta >= 0"):
-        BetaVAEConfig(**SMALL, beta=-1.0)
+        beta_schedule(-1.0)
 
 
 @pytest.mark.skipif(not hasattr(LatentVariableModel, "scheduled_defaults"),

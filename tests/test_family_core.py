@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from elbolab import pipeline, runs
+from elbolab.config import TrainConfig
 from elbolab.data import TensorData, load_data
 from elbolab.errors import ElbolabError
 from elbolab.inference import amortization_gap, fit_local_posterior
@@ -24,7 +25,7 @@ from elbolab.models.vae import VAE
 from elbolab.networks import MixturePrior, precision_weighted_merge
 from elbolab.objectives import detach_distribution, free_bits_kl, iwae_bound, kl_per_dim
 from elbolab.schedules import Schedule, StepContext
-from elbolab.trainer import TrainConfig, Trainer
+from elbolab.trainer import Trainer
 
 FAST = dict(latent_dim=2, hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
 F64 = torch.float64
@@ -54,7 +55,8 @@ def test_schedules_follow_their_definitions():
 
 def test_beta_is_given_once_and_unread_schedules_are_refused(tmp_path):
     with pytest.raises(ElbolabError, match="not both"):
-        TrainConfig(beta=2.0, schedules={"beta": "constant:1"})
+        pipeline.train("vae", "digits", out=tmp_path / "r0", epochs=1, beta=2.0, schedules={"beta": "constant:1"},
+                       **FAST)
     with pytest.raises(ElbolabError, match="does not read"):
         pipeline.train("iwae", "digits", out=tmp_path / "r", epochs=1, beta=2.0, **FAST)
     with pytest.raises(ElbolabError, match="does not read"):

@@ -10,7 +10,7 @@ from torch.distributions import MultivariateNormal
 from elbolab import pipeline
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.models import get_model_class
 from elbolab.networks import precision_weighted_merge
 from elbolab.objectives import effective_sample_size

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 
 from elbolab import pipeline, runs
 from elbolab.cli import main
+from elbolab.config import TrainConfig
 from elbolab.data import load_data
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged, TrainingInterrupted
 from elbolab.models import ModelConfig, register_model
 from elbolab.models.vae import VAE
-from elbolab.trainer import TrainConfig, Trainer
+from elbolab.trainer import Trainer
 
 QUIET = dict(latent_dim=2, hidden=(16,), batch_size=64, tensorboard=False, figures=False)
 STEPS_PER_EPOCH = 20  # 1257 digits training rows / 64
@@ -312,11 +313,11 @@ def test_a_file_system_failure_is_one_clear_line(tmp_path, capsys):
 def test_long_evaluations_report_progress_as_plain_lines_off_a_terminal(monkeypatch, capsys):
     import time
 
-    from elbolab.evaluate import _progress
+    from elbolab.estimators import progress_over_examples
 
     clock = iter(range(0, 1000, 4))  # every call 4 s later
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    assert list(_progress(range(0, 100, 10), "log p(x) (IS)", 10, 10, 100)) == list(range(0, 100, 10))
+    assert list(progress_over_examples(range(0, 100, 10), "log p(x) (IS)", 10, 10, 100)) == list(range(0, 100, 10))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "log p(x) (IS): 30 of 100 examples, 12 s" and lines[-1].startswith("log p(x) (IS): 100 of 100")
     assert 3 <= len(lines) <= 5

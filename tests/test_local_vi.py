@@ -12,7 +12,8 @@ from test_evaluate import PPCA, SIGMA  # noqa: I001  (the pPCA reference lives b
 from torch import nn
 from torch.distributions import kl_divergence
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline
+from elbolab.config import TrainConfig
 from elbolab.data import TensorData, load_data
 from elbolab.errors import ElbolabError
 from elbolab.inference import local_elbo
@@ -20,7 +21,7 @@ from elbolab.models import build_model
 from elbolab.models.local_vi import LocalVIConfig
 from elbolab.models.vae import VAEConfig
 from elbolab.schedules import StepContext
-from elbolab.trainer import TrainConfig, Trainer
+from elbolab.trainer import Trainer
 
 F64 = torch.float64
 FAST = dict(latent_dim=2, hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
@@ -118,7 +119,7 @@ def test_config_gets_the_training_rows_from_the_data_and_refuses_bad_options():
 def test_train_and_evaluate_fit_unseen_data_at_test_time(tmp_path):
     run = pipeline.train("local-vi", "digits", out=tmp_path / "r", epochs=2, binarize="dynamic", fit_steps=30,
                          **FAST)
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     splits = load_data("digits", binarize="static")
     assert model.local.shape[0] == len(splits.train)  # n_train came from the data
     result = pipeline.evaluate(run, k=20, limit=12, refresh_report=False)
@@ -170,7 +171,7 @@ def test_alternating_updates_step_one_group_per_step(tmp_path, every):
 
 def test_alternating_epoch_counts_steps_per_group_and_joint_is_one_group(tmp_path):
     run = pipeline.train("vae", "digits", out=tmp_path / "alt", epochs=1, updates="alternate", train_size=640, **FAST)
-    model, config = runs.load_run(run)
+    model, config = loading.load_run(run)
     assert config["model_config"]["updates"] == "alternate"
     trainer = Trainer(model, TrainConfig(epochs=1, batch_size=64, progress=False, tensorboard=False),
                       tmp_path / "again", model_name="vae")

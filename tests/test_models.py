@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from elbolab import runs
+from elbolab import loading, runs
 from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.likelihoods import build_likelihood
 from elbolab.models import ModelConfig, available_models, build_model, register_model
@@ -121,7 +121,7 @@ def test_damaged_weights_give_a_checkpoint_error(tmp_path):
     data = (run / runs.WEIGHTS).read_bytes()
     (run / runs.WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        runs.load_run(run)
+        loading.load_run(run)
     (run / runs.CONFIG).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        runs.load_run(run)
+        loading.load_run(run)

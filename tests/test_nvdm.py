@@ -2,15 +2,15 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_bow_corpus
 from torch.distributions import Categorical, Multinomial
 
-from elbolab import pipeline, runs, topics
+from elbolab import loading, pipeline, runs, topics
 from elbolab.data import load_data
 from elbolab.errors import ElbolabError
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.models.nvdm import NVDM, NVDMConfig, WordSequence, perplexity
 
 V, K = 12, 3
@@ -18,19 +18,7 @@ V, K = 12, 3
 
 def write_corpus(folder, n_train=60, n_test=20, seed=0):
     """Documents from two planted topics over V words (ids from 1), in the 20news format."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.new").write_text("".join(f"word{j} 0\n" for j in range(V)))
-    rng = np.random.default_rng(seed)
-    topic = np.stack([np.r_[np.full(V // 2, 2.0), np.full(V // 2, 0.1)], np.r_[np.full(V // 2, 0.1),
-                                                                                  np.full(V // 2, 2.0)]])
-    for name, n in (("train.feat", n_train), ("test.feat", n_test)):
-        lines = []
-        for i in range(n):
-            p = topic[i % 2] / topic[i % 2].sum()
-            counts = rng.multinomial(rng.integers(5, 30), p)
-            lines.append(" ".join(["1"] + [f"{j + 1}:{c}" for j, c in enumerate(counts) if c]))
-        (folder / name).write_text("\n".join(lines) + "\n")
-    return folder
+    return write_bow_corpus(folder, n_train, n_test, V, seed)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +109,7 @@ def initial_and_trained(corpus, tmp_path, steps, updates):
     torch.manual_seed(0)  # pipeline.train seeds the initial weights with the training seed (0)
     splits = load_data("20news", data_dir=corpus, val_size=10)
     initial = NVDM(NVDMConfig.from_data(splits.train, latent_dim=K, hidden=(16,), updates=updates))
-    return initial.state_dict(), runs.load_run(out)[0].state_dict()
+    return initial.state_dict(), loading.load_run(out)[0].state_dict()
 
 
 def changed(before, after, prefix):

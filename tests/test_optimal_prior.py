@@ -13,10 +13,10 @@ import torch
 from scipy.stats import multivariate_normal
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
 from elbolab.data.core import Batch, TensorData
 from elbolab.errors import ElbolabError
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.models import vae_optimal_prior
 from elbolab.models.vae_optimal_prior import OptimalPriorConfig, OptimalPriorVAE
 from elbolab.schedules import StepContext
@@ -148,6 +148,6 @@ def test_trains_evaluates_samples_and_reloads_on_digits(tmp_path):
     mixture = saved["model_metrics"]["log_px_mixture_prior"]
     assert mixture["is_exact_estimate"] is True and mixture["n_components"] == 100 and mixture["k"] == 50
     assert mixture["n_examples"] == 40 and math.isfinite(mixture["mean"])
-    model, _ = runs.load_run(run)  # the mixture points travel with the weights
+    model, _ = loading.load_run(run)  # the mixture points travel with the weights
     assert int(model.mixture_count) == 100 and model.mixture_x[:100].abs().sum() > 0
     assert model.sample(4).shape == (4, 64)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
+from elbolab.config import TrainConfig
 from elbolab.data import load_data
 from elbolab.errors import ElbolabError
 from elbolab.evaluate import evaluate_model
 from elbolab.models import ModelConfig, build_model
 from elbolab.precision import autocast
 from elbolab.schedules import StepContext
-from elbolab.trainer import TrainConfig
 
 QUIET = dict(latent_dim=4, hidden=(64,), binarize="dynamic", progress=False, tensorboard=False, figures=False)
 
@@ -38,7 +38,7 @@ def test_sensitive_quantities_stay_float32_under_bf16_autocast(covariance):
 
 def test_bf16_evaluation_agrees_with_fp32(tmp_path):
     run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=3, **QUIET)
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     data = load_data("digits", binarize="dynamic").test
     fp32, a = evaluate_model(model, data, k=100, return_per_example=True)
     bf16, b = evaluate_model(model, data, k=100, return_per_example=True, precision="bf16")

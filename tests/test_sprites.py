@@ -142,7 +142,7 @@ def test_sprites_source_splits_and_trains_a_few_steps(tmp_path, monkeypatch):
         asked.update(options)
         return splits
 
-    monkeypatch.setitem(elbolab.data._SOURCES, "sprites", same_splits)
+    monkeypatch.setitem(elbolab.data.SOURCES, "sprites", same_splits)
     run = pipeline.train("vae", "sprites", out=tmp_path / "run", epochs=1, train_size=64, val_size=500,
                          latent_dim=4, hidden=(32,), batch_size=32, progress=False, tensorboard=False,
                          figures=False)

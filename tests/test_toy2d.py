@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from elbolab import pipeline, runs
-from elbolab.evaluate import importance_sampled_log_px
+from elbolab import loading, pipeline
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.figures.toy import plot_toy_regions, xor_data, xor_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
@@ -23,7 +23,7 @@ def toy_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "run"
     run = pipeline.train("vae", xor_data(100), out=out, epochs=100, latent_dim=2, hidden=(64,), lr=1e-2,
                          batch_size=32, kl_warmup_epochs=50, progress=False, tensorboard=False, figures=False)
-    model, _ = runs.load_run(run)
+    model, _ = loading.load_run(run)
     model.eval()
     return model, out
 

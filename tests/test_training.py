@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
+from elbolab.config import TrainConfig
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged
 from elbolab.models import ModelConfig, build_model
 from elbolab.models.vae import VAE
-from elbolab.trainer import TrainConfig, Trainer
+from elbolab.trainer import Trainer
 
 FAST = dict(latent_dim=2, hidden=(16,), batch_size=64, progress=False, tensorboard=False, figures=False)
 
@@ -38,7 +39,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=1, **FAST)
-    model, config = runs.load_run(run)
+    model, config = loading.load_run(run)
     fresh = build_model("vae", VAE.config_class.from_dict(config["model_config"]))
     trainer = Trainer(fresh, TrainConfig(**config["train_config"]), tmp_path / "unused", model_name="vae")
     from elbolab.checkpoint import load_checkpoint
@@ -125,11 +126,28 @@ def test_bad_settings_give_clear_errors(tmp_path):
 
 
 def test_kl_warmup_schedule():
+    from elbolab.config import beta_schedule
     from elbolab.schedules import Schedule
 
-    beta = Schedule.parse(TrainConfig(beta=2.0, kl_warmup_epochs=4).schedule_specs()["beta"])
+    beta = Schedule.parse(TrainConfig(schedules={"beta": beta_schedule(2.0, 4)}).schedule_specs()["beta"])
     assert [beta(e) for e in (0, 1, 2, 4, 10)] == [0.0, 0.5, 1.0, 2.0, 2.0]
-    assert Schedule.parse(TrainConfig(beta=0.5).schedule_specs()["beta"])(0) == 0.5
+    assert Schedule.parse(TrainConfig(schedules={"beta": beta_schedule(0.5)}).schedule_specs()["beta"])(0) == 0.5
+    assert Schedule.parse(beta_schedule(None, 2, default=4.0))(1) == 2.0  # warm-up to the model's own beta
+
+
+def test_a_config_json_of_the_earlier_form_is_upgraded_to_one_beta_schedule():
+    from elbolab.config import upgrade_run_config
+
+    old = {"model": "beta-vae", "model_config": {"latent_dim": 2, "beta": 6.0},
+           "train_config": {"beta": None, "kl_warmup_epochs": 3.0, "schedules": {}}}
+    new = upgrade_run_config(old)
+    assert new["model_config"] == {"latent_dim": 2}
+    assert new["train_config"] == {"schedules": {"beta": "linear:0:6.0:3.0"}}
+    vae = {"model": "vae", "model_config": {}, "train_config": {"beta": 2.0, "kl_warmup_epochs": 0.0,
+                                                                "schedules": {"free_bits": "constant:0.5"}}}
+    assert upgrade_run_config(vae)["train_config"]["schedules"] == {"free_bits": "constant:0.5", "beta": "constant:2.0"}
+    current = {"model": "vae", "model_config": {}, "train_config": {"schedules": {}}}
+    assert upgrade_run_config(current) is current
 
 
 def test_training_improves_the_elbo_on_digits(tmp_path):

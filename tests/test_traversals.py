@@ -8,9 +8,10 @@ from PIL import Image
 
 from elbolab import pipeline
 from elbolab.errors import ElbolabError
-from elbolab.figures.traversals import traversal_images, traverse, traverse_run
+from elbolab.figures.traversals import traversal_images, traverse
 from elbolab.models import get_model_class
 from elbolab.models.vae import VAEConfig
+from elbolab.pipeline import traverse_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
 from elbolab.clustering import cluster_accuracy
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
@@ -198,8 +198,8 @@ def test_training_from_a_pretrained_autoencoder_reports_clustering_metrics(tmp_p
     assert all(math.isfinite(r["elbo"]) for r in records if "elbo" in r)
     result = pipeline.evaluate(run, k=10)
     metrics = result["model_metrics"]
-    model, saved = runs.load_run(run)
-    test = pipeline._load_splits(saved["data"]).test
+    model, saved = loading.load_run(run)
+    test = loading.load_run_data(saved["data"]).test
     assert metrics["accuracy"] == pytest.approx(cluster_accuracy(test.y, model.predict(test)))
     assert 0.1 <= metrics["accuracy"] <= 1 and -1 <= metrics["ari"] <= 1 and 0 <= metrics["nmi"] <= 1
     assert sum(metrics["cluster_sizes"]) == len(test) == metrics["n_examples"]
@@ -208,7 +208,7 @@ def test_training_from_a_pretrained_autoencoder_reports_clustering_metrics(tmp_p
     # per-epoch snapshots (for the proposed trainer hook) become one figure
     from elbolab.figures.clusters import plot_latent_snapshots
 
-    splits = pipeline._load_splits(saved["data"])
+    splits = loading.load_run_data(saved["data"])
     for epoch in (1, 2, 3):
         model.epoch_end(epoch, run, splits.val)
     assert plot_latent_snapshots(run, run / "figures" / "snaps.png").is_file()

@@ -67,7 +67,7 @@ def load_matrix(path: Path) -> np.ndarray:
     feature)."""
     import numpy as np
 
-    from elbolab.data.arrays import _is_number  # one CSV cell rule for every reader
+    from elbolab.data.arrays import is_number_cell  # one CSV cell rule for every reader
 
     if not path.is_file():
         raise DataError(f"expected a data file, got no file at {path}")
@@ -81,14 +81,14 @@ def load_matrix(path: Path) -> np.ndarray:
     elif suffix == ".csv":
         rows = [row for row in csv.reader(io.StringIO(_read_text(path), newline=""))
                 if any(cell.strip() for cell in row)]
-        if rows and not all(_is_number(cell) for cell in rows[0]):
+        if rows and not all(is_number_cell(cell) for cell in rows[0]):
             rows = rows[1:]  # header line
         widths = {len(row) for row in rows}
         if not rows or len(widths) != 1:
             raise DataError(f"expected comma-separated rows of equal length in {path}, got "
                             f"{len(rows)} rows with {sorted(widths)} columns")
         for number, row in enumerate(rows, start=1):
-            bad = [cell for cell in row if not _is_number(cell)]
+            bad = [cell for cell in row if not is_number_cell(cell)]
             if bad:
                 raise DataError(f"expected numbers only in {path}, got {bad[0]!r} in data row {number}; "
                                 "remove label or text columns")

@@ -7,14 +7,16 @@ reproducible from the seed. Bad or missing data raises one DataError saying what
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from elbolab.data.arrays import ARRAY_SUFFIXES, load_array_file, load_digits
+from elbolab.data.bow import is_bow_path, load_bow_path
 from elbolab.data.core import BINARIZE_MODES, TEST_FRACTION, Batch, DataSplits, TensorData, ValSize, as_batch
 from elbolab.data.idx import read_idx
 from elbolab.data.memory import IN_MEMORY, in_memory_source, load_arrays, load_in_memory
+from elbolab.data.mmap import HEADER, load_mmap
 from elbolab.data.mnist import find_mnist_dir, load_mnist
+from elbolab.data.registry import SOURCES, register_source
 from elbolab.errors import DataError
 
 __all__ = [
@@ -37,26 +39,6 @@ __all__ = [
     "read_idx",
 ]
 
-_SOURCES: dict[str, Callable[..., DataSplits]] = {}
-
-
-def register_source(name: str):
-    """Function decorator: ``@register_source("sprites")`` makes ``--data sprites`` load it.
-
-    The function takes ``(*, data_dir, binarize, seed, val_size)`` (val_size None: the source's default) and
-    returns DataSplits. A new source is one module in this package that registers itself; it is imported the first
-    time the sources are listed or loaded (keep heavy imports inside its functions).
-    """
-
-    def decorate(fn):
-        if name in _SOURCES and _SOURCES[name] is not fn:
-            raise ValueError(f"data source {name!r} is already registered")
-        _SOURCES[name] = fn
-        return fn
-
-    return decorate
-
-
 def _discover_sources() -> None:
     """Import every module of this package once, so each registers its sources."""
     import importlib
@@ -69,7 +51,7 @@ def _discover_sources() -> None:
 
 def available_sources() -> list[str]:
     _discover_sources()
-    return sorted(_SOURCES)
+    return sorted(SOURCES)
 
 
 @register_source("digits")
@@ -109,12 +91,9 @@ def load_data(
                         f"got {source!r}")
     name = source.strip().lower() if isinstance(source, str) else None
     _discover_sources()
-    if name in _SOURCES:
-        return _SOURCES[name](data_dir=data_dir, **options)
+    if name in SOURCES:
+        return SOURCES[name](data_dir=data_dir, **options)
     path = Path(source).expanduser()
-    from elbolab.data.bow import is_bow_path, load_bow_path
-    from elbolab.data.mmap import HEADER, load_mmap
-
     if path.is_dir() and (path / HEADER).is_file():  # a folder written by write_mmap
         return load_mmap(path, **options)
     if is_bow_path(path):  # a 20news-style folder, a folder of text files, or a sparse document-term .npz

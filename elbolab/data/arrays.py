@@ -152,7 +152,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _is_number(cell: str) -> bool:
+def is_number_cell(cell: str) -> bool:
     try:
         float(cell)
     except ValueError:
@@ -168,7 +168,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"could not read {path} as a text CSV file ({error})") from None
     if first is None:
         raise DataError(f"{path} is empty: expected rows of comma-separated numbers")
-    has_header = not all(_is_number(cell) for cell in first)
+    has_header = not all(is_number_cell(cell) for cell in first)
     names = [cell.strip() for cell in first] if has_header else None
     try:
         # numpy's C parser is fast; on failure the slow scan below finds and names the bad cell.
@@ -202,7 +202,7 @@ def _explain_csv_failure(path: Path, n_columns: int, has_header: bool) -> None:
                     f"{path} line {line} has {len(row)} columns: expected {n_columns} like the first row"
                 )
             for column, cell in enumerate(row, start=1):
-                if not _is_number(cell.strip()):
+                if not is_number_cell(cell.strip()):
                     shown = repr(cell) if cell.strip() else "an empty cell"
                     raise DataError(
                         f"{path} line {line}, column {column}: {shown} is not a number; "

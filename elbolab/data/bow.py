@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbolab.data import register_source
 from elbolab.data.core import (
     DataSplits,
     TensorData,
@@ -39,6 +38,7 @@ from elbolab.data.core import (
     seeded_generator,
     split_three_ways,
 )
+from elbolab.data.registry import register_source
 from elbolab.errors import DataError
 
 FEAT_FILES = ("train.feat", "test.feat")

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbolab.data import register_source
 from elbolab.data.core import (
     TEST_FRACTION,
     DataSplits,
@@ -43,6 +42,7 @@ from elbolab.data.core import (
     resolve_val_count,
     seeded_generator,
 )
+from elbolab.data.registry import register_source
 from elbolab.errors import DataError
 
 FORMAT, VERSION = "elbolab-mmap", 1

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbolab.data import register_source
 from elbolab.data.core import (
     DataSplits,
     TensorData,
@@ -44,6 +43,7 @@ from elbolab.data.core import (
     resolve_val_count,
     seeded_generator,
 )
+from elbolab.data.registry import register_source
 from elbolab.errors import DataError, ElbolabError
 
 FACTOR_NAMES = ("color", "shape", "scale", "orientation", "posX", "posY")

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elbolab import runs
+from elbolab.clustering import cluster_accuracy, match_clusters, matched_confusion
 from elbolab.errors import ElbolabError
-from elbolab.plots import _as_images, _label_vector, _mosaic_figure, _save, _tile, plt, project_2d
+from elbolab.plots import as_images, label_vector, mosaic_figure, plt, project_2d, save_figure, tile
 
 N_POINTS = 2000  # test examples in the scatter and the confusion matrix figures
 SNAPSHOTS = "snapshots"  # run_dir/figures/snapshots/epoch_XXXX.safetensors
@@ -43,12 +45,10 @@ def plot_cluster_scatter(z, clusters, labels, path, *, title: str | None = None)
     second panel only when labels [N] are given). The same projection in both panels; with labels, a cluster takes
     the colour of the class it is matched to (Hungarian matching), so that the panels read side by side."""
     coords, description = project_2d(z)  # [N, 2]
-    predicted, _ = _label_vector(clusters, len(coords), "cluster")
+    predicted, _ = label_vector(clusters, len(coords), "cluster")
     panels = [(predicted, "predicted cluster", "cluster", None, None)]
     if labels is not None:
-        from elbolab.clustering import match_clusters
-
-        true = _label_vector(labels, len(coords), "label")[0]
+        true = label_vector(labels, len(coords), "label")[0]
         class_colours = {int(c): i for i, c in enumerate(np.unique(true))}
         matched = match_clusters(true, predicted)  # {cluster: class}
         unmatched = [int(c) for c in np.unique(predicted) if int(c) not in matched]
@@ -65,7 +65,7 @@ def plot_cluster_scatter(z, clusters, labels, path, *, title: str | None = None)
         ax.set_ylabel("PC 2" if is_pca else "z1")
     fig.suptitle(title or f"Latent means E_q[z]: {description}", fontsize=12)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cluster_samples(images, image_shape, path, *, title: str = "samples per cluster: E[x|z], z ~ p(z|c)") -> Path:
@@ -74,19 +74,17 @@ def plot_cluster_samples(images, image_shape, path, *, title: str = "samples per
     if images.dim() != 3:
         raise ElbolabError(f"expected images [clusters, samples, pixels], got shape {list(images.shape)}")
     k, n = images.shape[:2]
-    flat = _as_images(images.reshape(k * n, -1), image_shape, "images")  # [K*n, H, W(, 3)]
+    flat = as_images(images.reshape(k * n, -1), image_shape, "images")  # [K*n, H, W(, 3)]
     rows = [flat[i * n:(i + 1) * n] for i in range(k)]
-    fig, ax = _mosaic_figure(_tile(rows, n), title, 0.6, n, k)
+    fig, ax = mosaic_figure(tile(rows, n), title, 0.6, n, k)
     h = flat.shape[1]
     ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(k)], [str(r) for r in range(k)])
     ax.set_ylabel("cluster")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_matched_confusion(y_true, y_pred, path) -> Path:
     """Counts of (class, cluster) after Hungarian matching: the matched cluster of class j in column j."""
-    from elbolab.clustering import cluster_accuracy, matched_confusion
-
     table, classes, clusters = matched_confusion(y_true, y_pred)
     accuracy = cluster_accuracy(y_true, y_pred)
     size = max(4.5, 0.5 * max(table.shape) + 2.0)
@@ -103,14 +101,12 @@ def plot_matched_confusion(y_true, y_pred, path) -> Path:
     ax.set_ylabel("true class")
     ax.set_title(f"Confusion after Hungarian matching: accuracy {accuracy:.1%} (N = {table.sum()})", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_latent_snapshot(model, data, run_dir, epoch: int, n: int = 1000) -> Path:
     """Encoder means and predicted clusters of the first ``n`` examples of ``data`` at ``epoch`` (for the proposed
     per-epoch hook), as run_dir/figures/snapshots/epoch_XXXX.safetensors."""
-    from elbolab import runs
-
     index = torch.arange(min(n, len(data)))
     batch = data.batch(index, torch.Generator().manual_seed(0))
     tensors = {"z": model.encoder_means(batch), "cluster": model.predict(batch)}
@@ -125,8 +121,6 @@ def save_latent_snapshot(model, data, run_dir, epoch: int, n: int = 1000) -> Pat
 def plot_latent_snapshots(run_dir, path, *, max_panels: int = 6) -> Path | None:
     """Up to ``max_panels`` saved snapshots (first, last and evenly spaced between), each projected by its own PCA
     and coloured by predicted cluster; None when there are fewer than two snapshots."""
-    from elbolab import runs
-
     files = sorted((Path(run_dir) / runs.FIGURES / SNAPSHOTS).glob("epoch_*.safetensors"))
     if len(files) < 2:
         return None
@@ -140,14 +134,12 @@ def plot_latent_snapshots(run_dir, path, *, max_panels: int = 6) -> Path | None:
         ax.set_ylabel("PC 2")
     fig.suptitle("Latent means during training, coloured by predicted cluster", fontsize=12)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
 def cluster_figures(model, run_dir, splits, *, n_points: int = N_POINTS, per_cluster: int = 10) -> list[Path]:
     """The clustering figures of a run: scatter, samples per cluster, matched confusion, snapshots if saved."""
-    from elbolab import runs
-
     fig_dir = Path(run_dir) / runs.FIGURES
     test = splits.test
     batch = test.batch(torch.arange(min(n_points, len(test))), torch.Generator().manual_seed(0))

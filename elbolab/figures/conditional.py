@@ -5,7 +5,7 @@
   mid-grey), the truth, then completions E[x|z, c] for z ~ p(z|c), with the given pixels pasted back.
 
 Plus the unconditional model's figures that make sense here: reconstructions, training curves, the latent scatter.
-(The 2-D latent manifold and the prior sample grid of ``pipeline.standard_figures`` need an unconditional decoder.)
+(The 2-D latent manifold and the prior sample grid of ``standard_figures`` need an unconditional decoder.)
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbolab import plots
+from elbolab import plots, runs
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
-from elbolab.plots import _as_images, _mosaic_figure, _save, _tile
+from elbolab.plots import as_images, mosaic_figure, save_figure, tile
 
 MISSING_GREY = 0.5
 
 
 def _labelled_mosaic(rows: list[np.ndarray], labels: list[str], title: str, path) -> Path:
     ncols = max(len(r) for r in rows)
-    fig, ax = _mosaic_figure(_tile(rows, ncols), title, 0.7, ncols, len(rows))
+    fig, ax = mosaic_figure(tile(rows, ncols), title, 0.7, ncols, len(rows))
     h = rows[0].shape[1]
     ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(len(rows))], labels, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def plot_class_samples(model, path, *, n_per_class: int = 10, class_names=None, 
     k = config.n_classes
     batch = Batch(like.new_zeros(k, config.input_dim), torch.arange(k, device=like.device))
     images = model.sample(n_per_class, batch).transpose(0, 1)  # [K, n, D]
-    rows = [_as_images(images[c], config.image_shape, "samples") for c in range(k)]
+    rows = [as_images(images[c], config.image_shape, "samples") for c in range(k)]
     names = list(class_names) if class_names is not None and len(class_names) == k else [str(c) for c in range(k)]
     return _labelled_mosaic(rows, [f"class {name}" for name in names],
                             "Conditional samples: one row per class, E[x|z,y] with z ~ p(z|y)", path)
@@ -65,8 +65,8 @@ def plot_inpainting(model, batch: Batch, path, *, n_completions: int = 6, seed: 
     torch.manual_seed(seed)
     given, truth, completions = inpainting_images(model, batch, n_completions)
     shape = config.image_shape
-    rows = [_as_images(given, shape, "given"), _as_images(truth, shape, "truth")]
-    rows += [_as_images(c, shape, "completion") for c in completions]
+    rows = [as_images(given, shape, "given"), as_images(truth, shape, "truth")]
+    rows += [as_images(c, shape, "completion") for c in completions]
     labels = ["given", "truth", *[f"sample {i + 1}" for i in range(n_completions)]]
     quadrants = f"{config.given_quadrants} quadrant{'s' if config.given_quadrants > 1 else ''}"
     return _labelled_mosaic(rows, labels, f"Inpainting from {quadrants} (grey: missing); completions E[x|z,c], "
@@ -77,8 +77,6 @@ def plot_inpainting(model, batch: Batch, path, *, n_completions: int = 6, seed: 
 def conditional_figures(model, run_dir, splits, *, seed: int = 0, n_images: int = 10) -> list[Path]:
     """The figures of a CVAE run into run_dir/figures: class samples or inpainting, reconstructions, curves and
     the latent scatter."""
-    from elbolab import runs
-
     run_dir = Path(run_dir)
     fig_dir = run_dir / runs.FIGURES
     model.eval()

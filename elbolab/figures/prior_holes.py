@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.distributions import Independent, Normal
 
-from elbolab.plots import _as_images, _save, _tile, plt
+from elbolab.plots import as_images, plt, save_figure, tile
 
 EXTENT = 3.5  # the plane is drawn over [-EXTENT, EXTENT]^2 (prior standard deviations)
 
@@ -29,9 +29,9 @@ def _image_panel(ax, images, image_shape, title: str, ncols: int = 6) -> None:
     if images is None or len(images) == 0:
         ax.text(0.5, 0.5, "none found", ha="center", va="center", transform=ax.transAxes, fontsize=12)
         return
-    imgs = _as_images(images, image_shape, "decoded samples")
+    imgs = as_images(images, image_shape, "decoded samples")
     ncols = min(ncols, len(imgs))
-    ax.imshow(_tile([imgs[i:i + ncols] for i in range(0, len(imgs), ncols)], ncols), cmap="gray", vmin=0, vmax=1,
+    ax.imshow(tile([imgs[i:i + ncols] for i in range(0, len(imgs), ncols)], ncols), cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
 
 
@@ -75,4 +75,4 @@ def plot_prior_holes(result: dict, path, *, image_shape=None, extent: float = EX
         _image_panel(axes[2], result["covered_images"], image_shape,
                      f"decoded z ~ p(z), well covered (q/p > {result['covered']:g})")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Ellipse
 
-from elbolab.plots import _save, plt
+from elbolab.plots import plt, save_figure
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
@@ -81,4 +81,4 @@ def plot_toy_regions(model, points: torch.Tensor, path, *, extent: float = 3.0, 
     axes[0].legend(loc="upper right", fontsize=10)
     fig.suptitle("VAE on the four XOR points (a, b, a xor b), 2-D latent space", fontsize=13)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbolab.data.core import Batch, as_batch
+from elbolab.data.core import as_batch
 from elbolab.errors import ElbolabError
-from elbolab.plots import _as_images, _mosaic_figure, _save, _tile
+from elbolab.plots import as_images, mosaic_figure, save_figure, tile
 
 GIF_CELL = 96  # each image is enlarged (by a whole factor) to at least this many pixels high in the GIF
 GIF_MS = 120  # milliseconds per frame
@@ -86,9 +86,9 @@ def _row_label(j: int, kl: np.ndarray | None) -> str:
 def save_grid(images: torch.Tensor, dims, values, kl, image_shape, path, *, title: str | None = None) -> Path:
     """The traversal as a PNG grid: one row per dimension (labelled), one column per value."""
     rows, steps = images.shape[:2]
-    cells = _as_images(images.reshape(rows * steps, -1), image_shape, "traversal")
-    mosaic = _tile([cells[r * steps:(r + 1) * steps] for r in range(rows)], steps)
-    fig, ax = _mosaic_figure(mosaic, title or "latent traversals (other dimensions at the seed's mean)",
+    cells = as_images(images.reshape(rows * steps, -1), image_shape, "traversal")
+    mosaic = tile([cells[r * steps:(r + 1) * steps] for r in range(rows)], steps)
+    fig, ax = mosaic_figure(mosaic, title or "latent traversals (other dimensions at the seed's mean)",
                              0.75, steps, rows)
     h, w = cells.shape[1:3]
     ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(rows)])
@@ -97,7 +97,7 @@ def save_grid(images: torch.Tensor, dims, values, kl, image_shape, path, *, titl
     ax.set_xticklabels([f"{v:+.1f}" for v in values], fontsize=9)
     ax.set_xlabel("value of the swept dimension z_j")
     ax.set_ylabel("dimension (KL in nats)" if kl is not None else "dimension")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_gif(images: torch.Tensor, dims, values, image_shape, path) -> Path:
@@ -105,7 +105,7 @@ def save_gif(images: torch.Tensor, dims, values, image_shape, path) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
     rows, steps = images.shape[:2]
-    cells = _as_images(images.reshape(rows * steps, -1), image_shape, "traversal")  # [R*S, H, W(, 3)]
+    cells = as_images(images.reshape(rows * steps, -1), image_shape, "traversal")  # [R*S, H, W(, 3)]
     cells = (np.clip(cells, 0, 1) * 255).astype(np.uint8).reshape(rows, steps, *cells.shape[1:])
     scale = max(1, -(-GIF_CELL // cells.shape[2]))  # 8 x 8 digits x12, 64 x 64 sprites x2
     h, w = cells.shape[2] * scale, cells.shape[3] * scale
@@ -139,24 +139,3 @@ def traverse(model, batch_or_image, out_dir, dims: Sequence[int] | None = None, 
     out_dir = Path(out_dir)
     return [save_grid(images, dims, values, kl, shape, out_dir / f"{name}.png"),
             save_gif(images, dims, values, shape, out_dir / f"{name}.gif")]
-
-
-def traverse_run(run_dir, *, dims: Sequence[int] | None = None, steps: int = 9, span: float = 3.0, index: int = 0,
-                 split: str = "test", out_dir=None, n_kl: int = 500, weights: str = "last",
-                 data_dir=None) -> list[Path]:
-    """``elbolab traverse RUN``: traversals of a trained run around image ``index`` of its ``split``, written into
-    ``out_dir`` (default RUN/figures); the KL labels average over the first ``n_kl`` images of the split.
-    ``data_dir`` overrides the run's (as for ``elbolab eval``)."""
-    from elbolab import runs
-    from elbolab.pipeline import _load_splits
-
-    if split not in ("train", "val", "test"):
-        raise ElbolabError(f"traverse: expected --split train, val or test, got {split!r}")
-    model, config = runs.load_run(run_dir, weights)
-    data = getattr(_load_splits(config["data"], data_dir), split)
-    if not 0 <= index < len(data):
-        raise ElbolabError(f"traverse: expected --index between 0 and {len(data) - 1}, got {index}")
-    rows = torch.cat([torch.tensor([index]), torch.arange(min(n_kl, len(data)))])
-    batch = data.batch(rows, torch.Generator().manual_seed(0))
-    out_dir = Path(run_dir) / runs.FIGURES if out_dir is None else Path(out_dir)
-    return traverse(model, Batch(batch.x), out_dir, dims, steps, span)

@@ -41,6 +41,7 @@ class Autoencoder(LatentVariableModel):
     """Deterministic encoder and decoder; CE (bernoulli) or SSE (gaussian) reconstruction loss."""
 
     config_class = AutoencoderConfig
+    has_posterior = False
 
     def build_encoder(self, config: ModelConfig) -> nn.Module:
         if config.likelihood not in ("bernoulli", "gaussian"):

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from elbolab.config import check_options, coerce_fields, option
 from elbolab.data.core import Batch, as_batch, image_chw
 from elbolab.errors import ElbolabError
+from elbolab.figures.standard import standard_figures
 from elbolab.likelihoods import LIKELIHOODS, build_likelihood
 from elbolab.networks import (
     ACTIVATIONS,
@@ -40,13 +42,6 @@ from elbolab.objectives import detach_distribution, kl_per_dim, log_importance_w
 from elbolab.schedules import StepContext
 
 ARCHITECTURES = ("mlp", "conv")
-
-
-def option(default, help: str):
-    """A config field with a help text (shown by ``elbolab models NAME``)."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,7 @@ class ModelConfig:
     data_fields: typing.ClassVar[tuple[str, ...]] = ("input_dim", "image_shape")
 
     def __post_init__(self):
-        _coerce_fields(self)
+        coerce_fields(self)
         if self.image_shape is not None:
             object.__setattr__(self, "image_shape", image_chw(self.image_shape))
         checks = [
@@ -118,58 +113,6 @@ class ModelConfig:
         return cls(**d)
 
 
-def check_options(cls, options: dict, exclude=()) -> None:
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise ElbolabError(f"{cls.__name__}: unknown option(s) {unknown}; expected some of {names}")
-
-
-def _coerce_fields(config) -> None:
-    """Check each field's type (int, float, str, bool, tuple of ints); accept lossless conversions (a list for a
-    tuple, an int for a float, an integral float for an int), refuse the rest with one clear message."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        optional = type(None) in typing.get_args(hint)
-        if value is None and optional:
-            continue
-        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-        origin = typing.get_origin(base) or base
-        try:
-            converted = _convert(value, origin)
-        except (TypeError, ValueError):
-            raise ElbolabError(
-                f"{type(config).__name__}: expected {f.name} as {getattr(origin, '__name__', origin)}, got "
-                f"{value!r} ({type(value).__name__})"
-            ) from None
-        object.__setattr__(config, f.name, converted)
-
-
-def _convert(value, origin):
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise TypeError
-        return value
-    if origin is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise TypeError
-        return int(value)
-    if origin is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError
-        return float(value)
-    if origin is str:
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise TypeError
-        return tuple(_convert(v, int) for v in value)
-    return value
-
-
 @dataclass
 class LossOutput:
     """What ``loss`` returns: one scalar to minimise per parameter group, and metrics to log.
@@ -193,6 +136,11 @@ class LatentVariableModel(nn.Module):
     registry_name = "base"
     config_class = ModelConfig
     log_px_is_exact_estimate = True  # False when importance_samples uses an approximate density (e.g. a learned ratio)
+    # False when encode(batch) is not the whole q(z|x) (e.g. the base Gaussian of a flow): the default latent_means
+    # and kl_terms would then describe the wrong distribution, so they refuse and the model must override them
+    encode_is_q = True
+    # False for a model with no q(z|x) (the autoencoder): no importance weights, log p(x) or prior holes
+    has_posterior = True
     scheduled_values: tuple[str, ...] = ()  # the StepContext values loss() reads; the trainer refuses any other
     reads_mc_samples = False  # whether loss() uses ctx.mc_samples (L); the trainer refuses L > 1 otherwise
 
@@ -266,6 +214,11 @@ class LatentVariableModel(nn.Module):
         """Parameters per optimiser, in stepping order; each group's loss is ``LossOutput.losses[group]``."""
         return {"model": list(self.parameters())}
 
+    def q_parameters(self) -> list[nn.Parameter]:
+        """The parameters of q(z|x) (phi): the encoder's. A model whose q has parameters outside ``self.encoder``
+        (a flow after it) extends this, so that a split into encoder and decoder groups keeps all of q together."""
+        return list(self.encoder.parameters())
+
     def scheduled_defaults(self) -> dict[str, float]:
         """This model's defaults for scheduled values it reads (beta-vae: ``{"beta": 4.0}``); the trainer uses them
         for the names the user gives no schedule for, and logs them with the other values."""
@@ -287,15 +240,23 @@ class LatentVariableModel(nn.Module):
     # ----- diagnostics and pictures -----
     def latent_means(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor]:
         """E_q[z] per latent group, ``{group: [B, d_g]}`` (active units are counted per group)."""
+        self._require_encode_is_q("latent_means")
         return {"z": self.encode(batch).mean}
 
     def kl_terms(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor] | None:
         """KL(q(z_j|x) || p(z_j)) per latent group and dimension, ``{group: [B, d_g]}``; None when not defined."""
+        if not self.encode_is_q:  # no per-dimension KL of the whole q unless the model provides one
+            return None
         batch = as_batch(batch)
         try:
             return {"z": kl_per_dim(self.encode(batch), self.prior(batch))}
         except ElbolabError:  # a non-Gaussian q or prior (a mixture): no per-dimension KL
             return None
+
+    def _require_encode_is_q(self, hook: str) -> None:
+        if not self.encode_is_q:
+            raise NotImplementedError(
+                f"{type(self).__name__}.encode is not its whole q(z|x) (encode_is_q = False): override {hook}")
 
     def eval_metrics(self, data, per_example_log_px: torch.Tensor) -> dict:
         """Model-specific numbers for eval.json (clustering accuracy, perplexity, ...)."""
@@ -313,8 +274,6 @@ class LatentVariableModel(nn.Module):
 
     def figures(self, run_dir, splits) -> list:
         """Write this model's figures into run_dir/figures; the default draws the image figures."""
-        from elbolab.pipeline import standard_figures
-
         return standard_figures(self, run_dir, splits)
 
     def load_pretrained(self, weights: dict[str, torch.Tensor]) -> list[str]:
@@ -328,3 +287,16 @@ class LatentVariableModel(nn.Module):
             )
         self.load_state_dict(matched, strict=False)
         return sorted(matched)
+
+
+def check_parameter_groups(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> None:
+    """Every trainable parameter in exactly one group (the trainer refuses a model that breaks this)."""
+    seen: dict[int, str] = {}
+    for name, params in groups.items():
+        for p in params:
+            if id(p) in seen:
+                raise ElbolabError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+    orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if orphans:
+        raise ElbolabError(f"parameters {orphans[:3]} are in no parameter group; no optimiser would train them")

@@ -14,7 +14,7 @@ Capacity control (Burgess et al. 2018, eq. 8): minimise -E_q[log p(x|z)] + gamma
 target C raised linearly during training. The ``vae`` loss implements it with beta in the role of gamma; the
 paper's setting (gamma = 1000, C from 0 to 25 nats) is
 
-    elbolab train beta-vae --set beta=1000 --schedule capacity=linear:0:25:EPOCHS
+    elbolab train beta-vae --beta 1000 --schedule capacity=linear:0:25:EPOCHS
 
 (or, equivalently, ``elbolab train vae --beta 1000 --schedule capacity=linear:0:25:EPOCHS``). The ``elbo`` metric
 stays the plain ELBO (beta = 1), comparable with every other model.
@@ -23,35 +23,25 @@ stays the plain ELBO (beta = 1), comparable with every other model.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from elbolab.data.core import Batch
-from elbolab.errors import ElbolabError
-from elbolab.models.base import LossOutput, ModelConfig, option
+from elbolab.models.base import LossOutput, ModelConfig
 from elbolab.models.registry import register_model
 from elbolab.models.vae import VAE
 from elbolab.schedules import StepContext
 
-
-@dataclass(frozen=True)
-class BetaVAEConfig(ModelConfig):
-    beta: float = option(4.0, "KL weight (gamma of the capacity variant) unless a beta schedule is given")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.beta >= 0:
-            raise ElbolabError(f"beta-vae: expected beta >= 0, got {self.beta!r}; try --set beta=4")
+DEFAULT_BETA = 4.0
 
 
 @register_model("beta-vae")
 class BetaVAE(VAE):
     """The vae with a KL weight beta (default 4); with a capacity schedule, Burgess et al.'s gamma |KL - C|."""
 
-    config_class = BetaVAEConfig
+    config_class = ModelConfig
 
     def scheduled_defaults(self) -> dict[str, float]:
         """Defaults of the scheduled values this model reads, for the trainer (a user's schedule wins)."""
-        return {"beta": self.config.beta}
+        return {"beta": DEFAULT_BETA}
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         return super().loss(batch, dataclasses.replace(ctx, values={**self.scheduled_defaults(), **ctx.values}))

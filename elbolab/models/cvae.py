@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
+from elbolab.figures.conditional import conditional_figures
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, check_options, option
 from elbolab.models.registry import register_model
 from elbolab.networks import GaussianEncoder, full_precision, mlp, standard_normal_prior
@@ -222,6 +223,4 @@ class CVAE(LatentVariableModel):
         return self.decode_mean(z, batch)
 
     def figures(self, run_dir, splits) -> list:
-        from elbolab.figures.conditional import conditional_figures
-
         return conditional_figures(self, run_dir, splits)

@@ -30,6 +30,8 @@ from torch.distributions import Distribution, constraints
 
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
+from elbolab.figures.standard import standard_figures
+from elbolab.figures.topics import topic_figures, write_vocabulary
 from elbolab.likelihoods import LikelihoodHead, register_likelihood
 from elbolab.models.base import LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
@@ -187,14 +189,9 @@ class NVDM(VAE):
     def epoch_end(self, epoch: int, run_dir, val) -> None:
         vocabulary = getattr(val, "meta", {}).get("vocabulary") if val is not None else None
         if vocabulary is not None:
-            from elbolab.topics import write_vocabulary
-
             write_vocabulary(run_dir, vocabulary)
 
     def figures(self, run_dir, splits) -> list:
-        from elbolab.pipeline import standard_figures
-        from elbolab.topics import topic_figures
-
         paths = standard_figures(self, run_dir, splits)
         vocabulary = splits.train.meta.get("vocabulary")
         if vocabulary is not None:

@@ -21,10 +21,12 @@ def register_model(name: str):
 
 
 def available_models() -> dict[str, type]:
+    """Every registered model, ``{name: class}``, sorted by name (what 'elbolab models' lists)."""
     return dict(sorted(_MODELS.items()))
 
 
 def get_model_class(name: str) -> type:
+    """The model class registered as ``name``; an unknown name raises ElbolabError listing the known ones."""
     if name not in _MODELS:
         raise ElbolabError(
             f"expected a model in {', '.join(sorted(_MODELS))}, got {name!r}; run 'elbolab models' to list them"
@@ -33,4 +35,5 @@ def get_model_class(name: str) -> type:
 
 
 def build_model(name: str, config):
+    """The model ``name`` built from its config (an instance of its ``config_class``)."""
     return get_model_class(name)(config)

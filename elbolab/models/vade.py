@@ -26,8 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Categorical, Independent, MultivariateNormal, Normal, kl_divergence
 
+from elbolab.classical import GaussianMixture
+from elbolab.classical.information import mutual_information
+from elbolab.clustering import clustering_scores
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
+from elbolab.figures.clusters import cluster_figures, save_latent_snapshot
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
 from elbolab.networks import MixturePrior
@@ -92,9 +96,6 @@ def fit_gmm(codes, n_clusters: int, *, covariance: str, n_init: int, selection: 
     """EM (``elbolab.classical.GaussianMixture``) on codes [N, d] with ``n_init`` restarts, keeping the likeliest
     (``selection="likelihood"``) or the one with the highest I(z; c) (``"information"``; see ``VaDE.prepare``)."""
     import numpy as np
-
-    from elbolab.classical import GaussianMixture
-    from elbolab.classical.information import mutual_information
 
     def em(restarts: int, random_state):
         return GaussianMixture(n_clusters, covariance_type=covariance, n_init=restarts, random_state=random_state,
@@ -205,8 +206,6 @@ class VaDE(LatentVariableModel):
 
     def eval_metrics(self, data, per_example_log_px: torch.Tensor) -> dict:
         """Cluster sizes, and with class labels: accuracy (Hungarian matching), NMI and ARI on this split."""
-        from elbolab.clustering import clustering_scores
-
         clusters = self.predict(data)
         metrics = {"cluster_sizes": torch.bincount(clusters, minlength=self.config.n_clusters).tolist()}
         labels = getattr(data, "y", None)
@@ -216,12 +215,8 @@ class VaDE(LatentVariableModel):
 
     def epoch_end(self, epoch: int, run_dir, val) -> None:
         """For the proposed per-epoch trainer hook: a snapshot of the validation codes (no randomness used)."""
-        from elbolab.figures.clusters import save_latent_snapshot
-
         if val is not None and len(val):
             save_latent_snapshot(self, val, run_dir, epoch)
 
     def figures(self, run_dir, splits) -> list:
-        from elbolab.figures.clusters import cluster_figures
-
         return super().figures(run_dir, splits) + cluster_figures(self, run_dir, splits)

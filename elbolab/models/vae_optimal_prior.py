@@ -35,6 +35,7 @@ from torch.distributions import Categorical, MixtureSameFamily
 from elbolab.data.core import Batch, as_batch
 from elbolab.density_ratio import DensityRatioEstimator, ratio_accuracy, ratio_loss, split_parameter_groups
 from elbolab.errors import ElbolabError
+from elbolab.estimators import importance_sampled_log_px
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
 from elbolab.objectives import kl_term
@@ -144,8 +145,6 @@ class OptimalPriorVAE(LatentVariableModel):
 
     def eval_metrics(self, data, per_example_log_px: torch.Tensor) -> dict:
         """log p(x) under the mixture prior q_N (exact model density, importance-sampled), seed 0."""
-        from elbolab.evaluate import importance_sampled_log_px
-
         if int(self.mixture_count) == 0:
             return {}
         if hasattr(data, "batch") and not isinstance(data, Batch):

@@ -1,0 +1,38 @@
+"""The figures every image model draws by default (a model's ``figures`` hook calls ``standard_figures``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from elbolab import plots, runs
+
+
+@torch.no_grad()
+def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0) -> list[Path]:
+    """The default figures of a model: samples, reconstructions, training curves, 2-D manifold (latent_dim == 2)
+    and the latent scatter (a histogram for one latent dimension)."""
+
+    run_dir = Path(run_dir)
+    fig_dir = run_dir / runs.FIGURES
+    shape = model.config.image_shape
+    torch.manual_seed(seed)
+    paths = []
+    test = splits.test
+    batch = test.batch(torch.arange(min(len(test), 2000)), torch.Generator().manual_seed(seed))
+    if shape is not None:
+        paths.append(plots.plot_image_grid(model.sample(n_samples), shape, fig_dir / "samples.png",
+                                           title="samples: E[x|z], z ~ p(z)"))
+        paths.append(plots.plot_reconstructions(batch.x[:10], model.reconstruct(batch[:10]), shape,
+                                                fig_dir / "reconstructions.png"))
+        if model.config.latent_dim >= 2:
+            paths.append(plots.plot_latent_manifold(model.decode_mean, shape, fig_dir / "manifold.png",
+                                                    latent_dim=model.config.latent_dim))
+    metrics_path = run_dir / runs.METRICS
+    if metrics_path.exists():
+        records, _ = runs.read_metrics(metrics_path)
+        paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
+    means = next(iter(model.latent_means(batch).values()))
+    paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
+    return paths

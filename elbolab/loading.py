@@ -1,0 +1,105 @@
+"""From a run folder back to its model and its data: the one way a trained run is reloaded.
+
+``load_run(run_dir)`` rebuilds the model from config.json and model.safetensors (no unpickling anywhere);
+``load_run_data(config["data"])`` loads the splits the run was trained on, with the same binarisation and split seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from elbolab.config import upgrade_run_config
+from elbolab.data import load_data
+from elbolab.errors import CheckpointError, ElbolabError
+from elbolab.models import get_model_class
+from elbolab.runs import BEST_WEIGHTS, CONFIG, WEIGHTS, describe_nonfinite, load_tensors, nonfinite_tensors, read_json
+
+
+def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of a run folder from config.json and model.safetensors (``weights="last"``, the end of
+    the last epoch) or model.best.safetensors (``"best"``, kept with --keep-best); no unpickling anywhere.
+
+    Returns ``(model, config)``: the model in eval mode and config.json as a dict. Every way the two files can fail
+    to fit (a key missing, a value of the wrong type, a tensor of another shape, weights holding NaN or inf)
+    raises one CheckpointError saying what differs and what to do.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"expected a run folder, got {run_dir} which does not exist; pass the --out of 'elbolab train'"
+        )
+    if weights not in ("last", "best"):
+        raise CheckpointError(f"expected weights 'last' or 'best', got {weights!r}")
+    config_path, weights_path = run_dir / CONFIG, run_dir / (WEIGHTS if weights == "last" else BEST_WEIGHTS)
+    if weights == "best" and not weights_path.is_file():
+        raise CheckpointError(f"{run_dir} has no {BEST_WEIGHTS}: train with --keep-best to keep the best-on-validation "
+                              "weights, or use the last ones (--weights last)")
+    restore = "restore config.json from a copy of the run, or train again"
+    config = upgrade_run_config(read_json(config_path))
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{config_path}: expected a JSON object with 'model' and 'model_config', got a JSON "
+            f"{type(config).__name__}; {restore}"
+        )
+    missing_keys = [key for key in ("model", "model_config") if key not in config]
+    if missing_keys:
+        raise CheckpointError(
+            f"{config_path} lacks {' and '.join(repr(k) for k in missing_keys)}: expected 'model' (the model's name, "
+            f"e.g. \"vae\") and 'model_config' (its options, as written by 'elbolab train'); {restore}"
+        )
+    name, options = config["model"], config["model_config"]
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise CheckpointError(
+            f"{config_path}: expected 'model' as a string and 'model_config' as an object, got "
+            f"{type(name).__name__} and {type(options).__name__}; {restore}"
+        )
+    try:
+        cls = get_model_class(name)
+        model = cls(cls.config_class.from_dict(options))
+    except (ElbolabError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} does not describe a valid model ({error}); {restore}") from None
+
+    weights, _ = load_tensors(weights_path)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path} does not match the {name!r} model in config.json ({len(missing)} tensor(s) missing, "
+            f"e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); the two files come from "
+            f"different runs or config.json was edited: {restore}"
+        )
+    shapes = [(key, list(weights[key].shape), list(value.shape)) for key, value in expected.items()
+              if weights[key].shape != value.shape]
+    if shapes:
+        key, got, want = shapes[0]
+        settings = ", ".join(f"{k}={options[k]!r}" for k in ("input_dim", "latent_dim", "hidden") if k in options)
+        more = f" (and {len(shapes) - 1} more tensor(s) differ)" if len(shapes) > 1 else ""
+        raise CheckpointError(
+            f"{weights_path} does not match config.json: tensor {key!r} has shape {got} in the weights but the model "
+            f"config.json describes ({settings}) needs {want}{more}; config.json was edited or comes from another "
+            f"run: {restore}"
+        )
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise CheckpointError(
+            f"{weights_path}: {describe_nonfinite(bad)}; the weights are unusable: training diverged (train again, "
+            "e.g. with a lower --lr) or the file is damaged (restore it from a copy)"
+        )
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:  # e.g. a dtype torch cannot copy
+        raise CheckpointError(f"{weights_path} does not fit the model in config.json ({error}); {restore}") from None
+    model.eval()
+    return model, config
+
+
+
+def load_run_data(data_info: dict, data_dir=None):
+    """The splits a run was trained on, from config.json's "data" entry (``data_dir`` overrides the saved folder)."""
+    return load_data(
+        data_info["source"], data_dir=data_dir or data_info.get("data_dir"), binarize=data_info["binarize"],
+        seed=data_info["seed"], val_size=data_info.get("val_size"),
+    ).with_train_size(data_info.get("train_size"))
