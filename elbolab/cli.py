@@ -283,7 +283,8 @@ def _headline(result: dict) -> str:
     log_px = result["log_px"]
     name = "log p(x)" if log_px.get("is_density", True) else "Bernoulli score (not a log-density)"
     line = (f"{result.get('split', 'test')} {name} = {log_px['mean']:.2f} nats, Monte-Carlo s.e. "
-            f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}, {log_px['n_examples']:,} examples; s.d. over examples "
+            f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}, {log_px['n_examples']:,} examples"
+            f"{' (--limit)' if result.get('limit') else ''}; s.d. over examples "
             f"{log_px['sd_over_examples'] or 0:.2f})")
     if "elbo" in result:
         line += f"; ELBO {result['elbo']:.2f}"
@@ -293,6 +294,8 @@ def _headline(result: dict) -> str:
                  f"nats (s.e. over {c['n_examples']:,} examples)")
     if result.get("log_px_note"):
         line += f"\nnote: {result['log_px_note']}"
+    if log_px.get("warning"):
+        line += f"\nwarning: {log_px['warning']}"
     metrics = {k: v for k, v in (result.get("model_metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if metrics:  # the model's own headline numbers: perplexity (nvdm), clustering accuracy (vade), ...

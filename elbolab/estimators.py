@@ -62,6 +62,9 @@ class LogLikelihoodEstimate:
     n_examples: int
     per_example: torch.Tensor  # [N] float64
     compile_fallback: str | None = None  # why torch.compile was not used after all (asked for, but failed)
+    ess: torch.Tensor | None = None  # [N] Kish ESS per example (None for the naive estimator)
+    # log p(x) from the first K' of the same K draws, K' on K_GRID: [{"k", "log_px", "mc_stderr"}] (it should flatten)
+    curve: list[dict] | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no per-example values); nan becomes None."""
@@ -128,16 +131,28 @@ def plan_chunks(n: int, k: int, width: int, batch_size: int | None = None, chunk
     return min(batch_size, n), min(chunk_size, k)
 
 
+K_GRID = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+def k_grid(k: int) -> list[int]:
+    """The K' < K of K_GRID, and K: where log p(x) against K is drawn."""
+    return sorted({g for g in K_GRID if g < k} | {k})
+
+
 @torch.no_grad()
 def chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeightFn, *, k: int,
                           batch_size: int | None, chunk_size: int | None, progress: bool,
-                          desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """log 1/K sum_k w_k and Kish's ESS per example, ``[N]`` float64 each, from chunks of log weights."""
+                          desc: str, grid: list[int] | None = None):
+    """log 1/K sum_k w_k and Kish's ESS per example, ``[N]`` float64 each, from chunks of log weights; with
+    ``grid``, also the running logsumexps of w and w^2 after the first K' draws for each K' in it (``[G, N]`` each),
+    from the same draws at no extra model cost."""
     param = model_tensor(model)
     n = len(batch)
     batch_size, chunk_size = plan_chunks(n, k, sample_width(model), batch_size, chunk_size)
     log_mean = torch.empty(n, dtype=torch.float64)
     ess = torch.empty(n, dtype=torch.float64)
+    grid = list(grid or [])
+    at_grid = torch.empty(2, len(grid), n, dtype=torch.float64)  # lse w, lse 2w after the first K' draws
     was_training = model.training
     model.eval()
     try:
@@ -151,6 +166,11 @@ def chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeigh
             for done in range(0, k, chunk_size):
                 log_w = log_weight_fn(part, min(chunk_size, k - done))  # [k_chunk, B]
                 log_w = log_w.to(device="cpu", dtype=torch.float64)
+                for g, kk in enumerate(grid):
+                    if done < kk <= done + len(log_w):  # K' falls in this chunk: the running sums up to it
+                        head = log_w[:kk - done]
+                        at_grid[0, g, start:start + len(part)] = torch.logaddexp(lse_w, torch.logsumexp(head, 0))
+                        at_grid[1, g, start:start + len(part)] = torch.logaddexp(lse_2w, torch.logsumexp(2 * head, 0))
                 lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
                 lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
             log_mean[start:start + len(part)] = lse_w - math.log(k)
@@ -163,6 +183,8 @@ def chunked_log_mean_exp(model: nn.Module, batch: Batch, log_weight_fn: LogWeigh
             f"{desc}: got NaN log weights for {int(torch.isnan(log_mean).sum())} of {n} examples; expected data in "
             "the support of the likelihood (e.g. values in [0, 1] for bernoulli) and a model without NaN parameters"
         )
+    if grid:
+        return log_mean, ess, at_grid
     return log_mean, ess
 
 
@@ -196,6 +218,28 @@ def summarize_log_px(per_example: torch.Tensor, ess: torch.Tensor | None, k: int
         mc_stderr = bias = ess_mean = ess_min = math.nan
     return LogLikelihoodEstimate(float(per_example.mean()), mc_stderr, bias, sd, sd / math.sqrt(n), ess_mean,
                                  ess_min, k, n, per_example)
+
+
+def k_warning(estimate: LogLikelihoodEstimate) -> str | None:
+    """Why K looks too small for this estimate, if it does: log p(x) still rising between the last two points of
+    its curve by more than twice the Monte-Carlo s.e. (the estimate is then biased low), or a median effective
+    sample size below 20 (where the delta-method s.e. is optimistic: about 3x too small at an ESS near 1.5)."""
+    reasons = []
+    curve = estimate.curve or []
+    if len(curve) >= 2 and curve[-1]["k"] > 1:
+        before, last = curve[-2], curve[-1]
+        rise = last["log_px"] - before["log_px"]
+        if math.isfinite(rise) and rise > max(2 * (last["mc_stderr"] or 0.0), 0.02):
+            reasons.append(f"log p(x) still rises by {rise:.2f} nats from K = {before['k']:,} to K = {last['k']:,} "
+                           "(the estimate is biased low)")
+    if estimate.ess is not None and len(estimate.ess):
+        median = float(estimate.ess.median())
+        if median < 20:
+            reasons.append(f"the median effective sample size is {median:.1f} of K = {estimate.k:,} (the Monte-Carlo "
+                           "s.e. is then optimistic)")
+    if not reasons:
+        return None
+    return "K is too small: " + "; ".join(reasons) + ". Raise --iw-samples (and read figures/is_diagnostics_*.png)"
 
 
 def no_likelihood_error(model: nn.Module, cause: Exception) -> ElbolabError:
@@ -251,13 +295,18 @@ def importance_sampled_log_px(model: nn.Module, data, *, k: int = 5000, batch_si
     """
     batch = check_inputs(model, data, k, batch_size, chunk_size)
     log_weights = CompiledLogWeights(model) if compile else (lambda b, kc: model.importance_samples(b, kc)[1])
+    grid = k_grid(k)
     try:
-        log_mean, ess = chunked_log_mean_exp(model, batch, log_weights, k=k,
-                                              batch_size=batch_size, chunk_size=chunk_size, progress=progress,
-                                              desc="log p(x) (IS)")
+        log_mean, ess, at_grid = chunked_log_mean_exp(model, batch, log_weights, k=k, batch_size=batch_size,
+                                                      chunk_size=chunk_size, progress=progress,
+                                                      desc="log p(x) (IS)", grid=grid)
     except NotImplementedError as err:
         raise no_likelihood_error(model, err) from None
-    estimate = summarize_log_px(log_mean, ess, k)
+    curve = []
+    for g, kk in enumerate(grid):  # the same examples and draws as the estimate itself
+        head = summarize_log_px(at_grid[0, g] - math.log(kk), torch.exp(2 * at_grid[0, g] - at_grid[1, g]), kk)
+        curve.append({"k": kk, "log_px": head.mean, "mc_stderr": head.mc_stderr})
+    estimate = dataclasses.replace(summarize_log_px(log_mean, ess, k), ess=ess, curve=curve)
     if isinstance(log_weights, CompiledLogWeights) and log_weights.fallback is not None:
         estimate = dataclasses.replace(estimate, compile_fallback=log_weights.fallback)
     return estimate

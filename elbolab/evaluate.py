@@ -17,16 +17,16 @@ from elbolab.ais import ais_log_px, bdmc
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
 from elbolab.estimators import (
+    LogLikelihoodEstimate,
     check_inputs,
     importance_sampled_log_px,
+    k_warning,
     model_tensor,
     naive_log_px,
     plan_chunks,
     sample_width,
-    summarize_log_px,
 )
 from elbolab.kl_anatomy import kl_anatomy
-from elbolab.objectives import effective_sample_size
 from elbolab.precision import autocast, check_precision
 from elbolab.progress import Progress
 from elbolab.runs import describe_nonfinite, nonfinite_tensors
@@ -44,48 +44,47 @@ def paired_difference(mine: torch.Tensor, theirs: torch.Tensor) -> dict:
             "n_examples": n, "other_mean": float(theirs.double().mean())}
 
 
-def importance_diagnostics(model: nn.Module, data, *, k: int, n_examples: int = 500, seed: int = 0,
-                           n_shown: int = 3) -> dict:
-    """Whether K is large enough, seen three ways on the first ``n_examples`` examples (one set of K draws each):
+def importance_diagnostics(model: nn.Module, data, *, k: int, estimate: LogLikelihoodEstimate | None = None,
+                           n_examples: int | None = None, seed: int = 0, n_shown: int = 3) -> dict:
+    """Whether K is large enough, seen three ways on the examples of the estimate itself (the same draws):
 
     * ``ess``: Kish's effective sample size of each example's K weights ``[n]`` (a small ESS/K: few samples carry
       the estimate);
     * ``curve``: log p(x) (mean over the examples) and its Monte-Carlo s.e. using the first K' of the K draws, for
       K' = 1, 2, 5, 10, ... K (it should flatten; K' = 1 is the ELBO estimate);
     * ``shown``: the normalised log weights log w_k - max_k log w_k of the examples with the lowest, median and
-      highest ESS (``{"ess": ..., "index": ..., "log_w": [K]}``).
-    """
+      highest ESS (``{"ess": ..., "index": ..., "log_w": [K]}``), drawn again for those examples only.
+
+    ``estimate`` is the headline estimate (``importance_sampled_log_px``); without it, one is made on the first
+    ``n_examples`` examples (all by default). Memory stays within the estimator's blocks either way."""
     if hasattr(data, "batch"):  # a split: the same binarisation as evaluate_model draws with this seed
-        data = data.batch(torch.arange(min(n_examples, len(data))), torch.Generator().manual_seed(seed))
+        data = data.batch(torch.arange(len(data) if n_examples is None else min(n_examples, len(data))),
+                          torch.Generator().manual_seed(seed))
     batch = check_inputs(model, data, k, None, None)
-    batch = batch[:min(n_examples, len(batch))]
-    n = len(batch)
+    if n_examples is not None:
+        batch = batch[:n_examples]
+    if estimate is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            estimate = importance_sampled_log_px(model, batch, k=k)
+    ess, n = estimate.ess, len(batch)
+    order = torch.argsort(ess)
+    picks = [int(order[0]), int(order[n // 2]), int(order[-1])][:n_shown]
     param = model_tensor(model)
-    _, chunk = plan_chunks(n, k, sample_width(model))
-    parts = []
+    _, chunk = plan_chunks(len(picks), k, sample_width(model))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            part = batch.to(param)
-            for done in range(0, k, chunk):
-                parts.append(model.importance_samples(part, min(chunk, k - done))[1].to("cpu", torch.float64))
+            part = batch[torch.tensor(picks)].to(param)
+            log_w = torch.cat([model.importance_samples(part, min(chunk, k - done))[1].to("cpu", torch.float64)
+                               for done in range(0, k, chunk)])  # [K, n_shown]
     finally:
         model.train(was_training)
-    log_w = torch.cat(parts)  # [K, n]
-    ess = effective_sample_size(log_w)  # [n]
-    grid = sorted({g for g in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000) if g < k}
-                  | {k})
-    curve = []
-    for kk in grid:
-        head = log_w[:kk]  # [K', n]
-        estimate = summarize_log_px(torch.logsumexp(head, 0) - math.log(kk), effective_sample_size(head), kk)
-        curve.append({"k": kk, "log_px": estimate.mean, "mc_stderr": estimate.mc_stderr})
-    order = torch.argsort(ess)
-    picks = [int(order[0]), int(order[n // 2]), int(order[-1])][:n_shown]
-    shown = [{"index": i, "ess": float(ess[i]), "log_w": (log_w[:, i] - log_w[:, i].max())} for i in picks]
-    return {"ess": ess, "k": k, "n_examples": n, "curve": curve, "shown": shown}
+    shown = [{"index": i, "ess": float(ess[i]), "log_w": log_w[:, j] - log_w[:, j].max()}
+             for j, i in enumerate(picks)]
+    return {"ess": ess, "k": k, "n_examples": n, "curve": estimate.curve, "shown": shown}
 
 
 def _batched(model: nn.Module, batch: Batch, batch_size: int, fn) -> list:
@@ -187,13 +186,14 @@ def _density_note(model: nn.Module, x: torch.Tensor) -> str | None:
 
 def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None = None, seed: int = 0,
                    progress: bool = False, batch_size: int = 1000, return_per_example: bool = False,
-                   precision: str = "fp32", compile: bool = False):
+                   precision: str = "fp32", compile: bool = False, return_estimate: bool = False):
     """Everything ``elbolab eval`` reports, as a JSON-ready dict; with ``return_per_example`` also the per-example
     log p(x) estimates ``[N]`` (for paired comparisons), as ``(dict, tensor)``. ``compile``: the importance
     sampling through torch.compile (see :class:`CompiledLogWeights`).
 
     ``precision`` "bf16" runs the networks' matrix products in bfloat16 (see ``elbolab.precision``); the
-    log-likelihoods, log q and the KL stay float32 and the log-sum-exp over samples float64.
+    log-likelihoods, log q and the KL stay float32 and the log-sum-exp over samples float64. ``return_estimate``:
+    also the headline ``LogLikelihoodEstimate`` (per-example values, ESS, log p(x) against K), as ``(dict, it)``.
 
     ``data`` has ``.batch(index, generator)`` and a length; ONE binarisation of the whole set is drawn
     with ``torch.Generator().manual_seed(seed)`` so that every estimate sees the same images. The random draws of
@@ -222,6 +222,9 @@ def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None
         elbo = _mean_elbo(model, batch, batch_size)
     note = _density_note(model, batch.x)
     result["log_px"]["is_density"] = note is None
+    warning = k_warning(estimate)
+    if warning is not None:
+        result["log_px"]["warning"] = warning
     result["log_px"]["is_exact_estimate"] = bool(getattr(model, "log_px_is_exact_estimate", True))
     notes = [note] if note is not None else []
     if not result["log_px"]["is_exact_estimate"]:
@@ -252,6 +255,9 @@ def evaluate_model(model: nn.Module, data, *, k: int = 5000, naive_k: int | None
     result["compiled"] = compile and estimate.compile_fallback is None
     if compile and estimate.compile_fallback is not None:
         result["compile_fallback"] = estimate.compile_fallback
+    result["log_px_against_k"] = {"n_examples": n, "curve": estimate.curve}
+    if return_estimate:
+        return result, estimate
     return (result, estimate.per_example) if return_per_example else result
 
 

@@ -284,8 +284,9 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
             raise ElbolabError(f"expected --limit N >= 1 examples, got {limit!r}")
         data = data.head(min(limit, len(data)))
     evaluated_at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
-    result, mine = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
-                                  return_per_example=True, precision=precision, compile=compile)
+    result, estimate = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
+                                      return_estimate=True, precision=precision, compile=compile)
+    mine = estimate.per_example
     if compare is not None:
         other, other_config = load_run(compare)
         other.to(target)
@@ -305,8 +306,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
                   limit=limit, evaluated_at=evaluated_at,
                   weights=f"{runs.WEIGHTS if weights == 'last' else runs.BEST_WEIGHTS} ({weights}"
                           + (f", epoch {epoch})" if epoch else ")"))
-    diagnostics = importance_diagnostics(model, data, k=k, seed=seed)
-    result["log_px_against_k"] = {"n_examples": diagnostics["n_examples"], "curve": diagnostics["curve"]}
+    diagnostics = importance_diagnostics(model, data, k=k, estimate=estimate, seed=seed)
     from elbolab import plots
 
     plots.plot_is_diagnostics(diagnostics, Path(run_dir) / runs.FIGURES / f"is_diagnostics_{split}.png",

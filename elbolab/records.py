@@ -41,6 +41,7 @@ class Estimate:
     n_examples: int | None = None
     is_density: bool | None = None  # False: a Bernoulli score of grey levels, not a log-density
     is_exact_estimate: bool | None = None  # False: the weights use an approximate density (a learned ratio)
+    warning: str | None = None  # K looks too small (estimators.k_warning): the CLI and the report show it
 
 
 @dataclass

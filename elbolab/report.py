@@ -353,13 +353,15 @@ def _log_px_section(ev: Evaluation, config) -> tuple[str, dict | None, str | Non
     if block is not None:
         name = _log_px_name(block, note, config)
         rows += _estimate_rows(block, name, ev.split)
-        caveat = block.is_density is False or note is not None
+        caveat = block.is_density is False or note is not None or block.warning is not None
         if caveat:
-            callout = note or ("this number is a score of the likelihood on data outside its support, "
-                               "not a log-density")
+            callout = "; ".join(c for c in (note, block.warning) if c) or (
+                "this number is a score of the likelihood on data outside its support, not a log-density")
         sub = "nats; ± Monte-Carlo s.e." if _finite(block.mc_stderr) else "nats; no Monte-Carlo s.e."
         if block.k is not None:
             sub += f"; K = {block.k:,}"
+        if block.n_examples is not None:
+            sub += f"; {block.n_examples:,} examples" + (" (--limit)" if ev.limit is not None else "")
         value = _with_mc_se(block.mean, block.mc_stderr).replace(" (MC s.e.)", "")
         headline = {"label": f"{ev.split} {name}", "value": value,
                     "sub": sub + ("; see the note below" if caveat else ""), "warn": caveat}

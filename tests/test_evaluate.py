@@ -173,7 +173,7 @@ def test_bounds_are_ordered_elbo_iwae_log_px(ppca, data):
 def test_importance_diagnostics_curve_flattens_toward_the_exact_log_px(ppca, data):
     model = perturbed(ppca)
     exact = float(ppca.log_px(data[:100]).mean())
-    diagnostics = importance_diagnostics(model, data, k=2000, n_examples=100, seed=3)
+    diagnostics = importance_diagnostics(model, data[:100], k=2000, seed=3)
     curve = diagnostics["curve"]
     assert [c["k"] for c in curve][:4] == [1, 2, 5, 10] and curve[-1]["k"] == 2000
     assert diagnostics["n_examples"] == 100 and diagnostics["ess"].shape == (100,)
@@ -473,3 +473,17 @@ def test_eval_with_ais_and_bdmc_writes_the_sandwich_into_the_record(tmp_path):
     assert sandwich["lower"] <= sandwich["upper"] + 0.05 and sandwich["gap"] < 2.0
     ev = Evaluation.from_dict(json.loads(Path(result["saved_to"]).read_text()))
     assert ev.log_px_ais["mean"] == ais["mean"] and ev.bdmc["gap"] == sandwich["gap"] and not ev.other
+
+
+def test_the_estimate_warns_when_k_is_too_small_and_not_when_it_is_enough(ppca, data):
+    from elbolab.estimators import k_warning
+
+    torch.manual_seed(0)
+    small = importance_sampled_log_px(perturbed(ppca), data[:200], k=5)  # still rising, ESS near 2
+    warning = k_warning(small)
+    assert warning is not None and "still rises" in warning and "median effective sample size" in warning
+    torch.manual_seed(0)
+    exact = importance_sampled_log_px(ppca.model(), data[:200], k=50)  # the exact posterior: constant weights
+    assert k_warning(exact) is None
+    # the curve is the headline's own: its last point is the estimate itself
+    assert small.curve[-1]["k"] == 5 and small.curve[-1]["log_px"] == pytest.approx(small.mean)
