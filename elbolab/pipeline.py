@@ -251,7 +251,8 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
              seed: int = 0, progress: bool = False, compare=None, weights: str = "last", device: str = "cpu",
              limit: int | None = None, refresh_report: bool = True, precision: str = "fp32",
              disentanglement: bool = False, compile: bool = False, ais_steps: int = 0, ais_chains: int = 16,
-             ais_leapfrog: int = 10, ais_examples: int = 100, bdmc_examples: int = 0) -> dict:
+             ais_leapfrog: int = 10, ais_examples: int = 100, bdmc_examples: int = 0,
+             disentanglement_protocol: str = "quick") -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics. Every evaluation is kept: a new file in RUN_DIR/evaluations (see ``runs.save_evaluation``; its path is
     returned under ``"saved_to"``), eval.json is the latest, and the report is refreshed. ``limit``: only the first N
@@ -259,7 +260,8 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     the same examples with the same settings, reported as the paired difference of log p(x) (this run minus the
     other). ``weights``: "last" (the end of training) or "best" (the best validation ELBO, with --keep-best);
     ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``);
-    ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data);
+    ``disentanglement``: also the beta-VAE, FactorVAE and MIG metrics (``elbolab.disentanglement``; sprites data),
+    with ``disentanglement_protocol`` "quick" (about 0.6 M images) or "full" (Locatello et al.'s, about 2.9 M);
     ``compile``: importance sampling through torch.compile (faster for long runs; ``estimators.CompiledLogWeights``).
     ``ais_steps``: also annealed importance sampling with that many steps (``ais_chains`` chains, ``ais_leapfrog``
     leapfrog steps per HMC transition) on the first ``ais_examples`` examples; ``bdmc_examples``: also bidirectional
@@ -312,7 +314,8 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     plots.plot_is_diagnostics(diagnostics, Path(run_dir) / runs.FIGURES / f"is_diagnostics_{split}.png",
                               split=split)
     if disentanglement:
-        result["disentanglement"] = disentanglement_scores(model_encoder(model), factors, seed=seed)
+        result["disentanglement"] = disentanglement_scores(model_encoder(model), factors, seed=seed,
+                                                           protocol=disentanglement_protocol, progress=progress)
     result = Evaluation.from_dict({**result, "schema_version": SCHEMA_VERSION}).to_dict()  # the written schema
     if ais_steps or bdmc_examples:
         result.update(_sandwich(model, data, ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais_leapfrog,

@@ -32,6 +32,7 @@ from elbolab.data.core import as_batch
 from elbolab.errors import ElbolabError
 from elbolab.figures.prior_holes import plot_prior_holes
 from elbolab.loading import load_run, load_run_data
+from elbolab.progress import Progress
 
 THRESHOLD = 0.1  # q(z)/p(z) below this: a hole
 COVERED = 1.0  # q(z)/p(z) above this: well covered
@@ -71,21 +72,30 @@ def aggregated_posterior(means: torch.Tensor, covariances: torch.Tensor, basis: 
                              validate_args=False)
 
 
-def density_ratio(q: Distribution, p: Distribution, z: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def density_ratio(q: Distribution, p: Distribution, z: torch.Tensor, chunk: int = 2048,
+                  progress: Progress | None = None) -> torch.Tensor:
     """log q(z) - log p(z) for z [S, k], in chunks (a mixture of n components costs n * chunk at a time): [S]."""
-    return torch.cat([q.log_prob(part) - p.log_prob(part) for part in z.split(chunk)])
+    parts = []
+    for part in z.split(chunk):
+        parts.append(q.log_prob(part) - p.log_prob(part))
+        if progress is not None:
+            progress.update(len(part))
+    return torch.cat(parts)
 
 
 def hole_mass(q: Distribution, p: Distribution, *, threshold: float = THRESHOLD, n_samples: int = 100_000,
-              seed: int = 0, z: torch.Tensor | None = None) -> dict:
+              seed: int = 0, z: torch.Tensor | None = None, log_ratio: torch.Tensor | None = None,
+              progress: Progress | None = None) -> dict:
     """P_{z~p}[q(z)/p(z) < threshold] by Monte Carlo with its standard error: {"mass", "se", "threshold",
-    "n_samples"}; ``z`` (draws of p) may be given instead of drawing ``n_samples``."""
+    "n_samples"}; ``z`` (draws of p) may be given instead of drawing ``n_samples``, or their ``log_ratio``
+    log q(z) - log p(z) when already computed."""
     if not threshold > 0:
         raise ElbolabError(f"prior holes: expected a threshold > 0, got {threshold!r}; try 0.1")
-    if z is None:
-        generator = torch.Generator().manual_seed(seed)
-        z = p.mean + p.stddev * torch.randn(n_samples, *p.event_shape, generator=generator, dtype=p.mean.dtype)
-    log_ratio = density_ratio(q, p, z)  # [S]
+    if log_ratio is None:
+        if z is None:
+            generator = torch.Generator().manual_seed(seed)
+            z = p.mean + p.stddev * torch.randn(n_samples, *p.event_shape, generator=generator, dtype=p.mean.dtype)
+        log_ratio = density_ratio(q, p, z, progress=progress)  # [S]
     holes = (log_ratio < math.log(threshold)).double()
     mass = float(holes.mean())
     return {"mass": mass, "se": math.sqrt(mass * (1 - mass) / len(holes)), "threshold": threshold,
@@ -102,7 +112,7 @@ def _check_standard_normal(prior: Distribution) -> None:
 
 @torch.no_grad()
 def analyse(model, data, *, n_points: int = 2000, threshold: float = THRESHOLD, covered: float = COVERED,
-            n_samples: int = 100_000, n_images: int = 30, seed: int = 0) -> dict:
+            n_samples: int = 100_000, n_images: int = 30, seed: int = 0, progress: bool = True) -> dict:
     """Hole mass in the plane and in the full space, the plane, the aggregated posterior there and decoded
     samples from holes and from well-covered regions, for a model and a data split."""
     model.eval()
@@ -119,11 +129,16 @@ def analyse(model, data, *, n_points: int = 2000, threshold: float = THRESHOLD, 
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(n_samples, d, generator=generator).to(param)  # [S, d] ~ p(z)
     z_plane = z @ basis  # [S, 2] ~ N(0, I_2) since P is orthonormal
-    log_ratio = density_ratio(q_plane, p_plane, z_plane)  # [S]
-    result = {"plane": plane, "basis": basis.cpu(), "n_points": n, "latent_dim": d, "covered": covered,
-              **hole_mass(q_plane, p_plane, threshold=threshold, z=z_plane)}
-    if d > 2:
-        full = hole_mass(aggregated_posterior(means, covariances), prior, threshold=threshold, z=z[:10_000])
+    full_samples = min(10_000, n_samples) if d > 2 else 0
+    with Progress(f"prior holes: q(z)/p(z) at {n_samples:,} prior draws (a mixture of {n:,} posteriors)"
+                  + (f", then {full_samples:,} in the full {d}-d space" if full_samples else ""),
+                  total=n_samples + full_samples, unit="draws", enabled=progress) as bar:
+        log_ratio = density_ratio(q_plane, p_plane, z_plane, progress=bar)  # [S]
+        result = {"plane": plane, "basis": basis.cpu(), "n_points": n, "latent_dim": d, "covered": covered,
+                  **hole_mass(q_plane, p_plane, threshold=threshold, log_ratio=log_ratio)}
+        full = hole_mass(aggregated_posterior(means, covariances), prior, threshold=threshold,
+                         z=z[:full_samples], progress=bar) if full_samples else None
+    if full is not None:
         result["full_space"] = {"mass": full["mass"], "se": full["se"], "n_samples": full["n_samples"]}
     holes, good = log_ratio < math.log(threshold), log_ratio > math.log(covered)
     result["covered_mass"] = float(good.double().mean())
@@ -145,6 +160,11 @@ def prior_holes(run_dir, *, split: str = "test", n_points: int = 2000, threshold
     if split not in ("train", "val", "test"):
         raise ElbolabError(f"prior holes: expected split train, val or test, got {split!r}")
     model, config = load_run(run_dir)
+    if not model.has_posterior:
+        raise ElbolabError(
+            f"prior holes: the {config['model']} in {run_dir} has no q(z|x): prior holes need a model with a "
+            "posterior, e.g. vae"
+        )
     data = getattr(load_run_data(config["data"]), split)
     result = analyse(model, data, n_points=n_points, threshold=threshold, covered=covered, n_samples=n_samples,
                      n_images=n_images, seed=seed)

@@ -467,13 +467,24 @@ def _further_section(ev: Evaluation) -> str:
     parts = []
     scores = ev.disentanglement
     if scores:
-        rows = [(label, _fmt((scores.get(key) or {}).get(field))) for label, key, field in (
-            ("beta-VAE metric (held-out accuracy)", "beta_vae", "eval_accuracy"),
-            ("FactorVAE metric (held-out accuracy)", "factor_vae", "eval_accuracy"),
-            ("Mutual information gap (MIG)", "mig", "mig"))]
-        per_factor = (scores.get("mig") or {}).get("per_factor") or {}
-        rows += [(f"MIG of factor {name}", _fmt(value)) for name, value in per_factor.items()]
-        parts.append("<h3>Disentanglement</h3>" + _table(rows, ("Metric", "Value"), numeric_cols=(1,)))
+        rows = []
+        for label, key in (("beta-VAE metric (held-out accuracy)", "beta_vae"),
+                           ("FactorVAE metric (held-out accuracy)", "factor_vae")):
+            block = scores.get(key) or {}
+            if _finite(block.get("eval_accuracy")):
+                se = block.get("eval_accuracy_se")
+                rows.append((label, f"{block['eval_accuracy']:.3f}" + (f" ± {se:.3f}" if _finite(se) else ""),
+                             f"{block['chance']:.3f}" if _finite(block.get("chance")) else ""))
+        mig = scores.get("mig") or {}
+        if _finite(mig.get("mig")):
+            rows.append(("Mutual information gap (MIG)", f"{mig['mig']:.3f}", "0.000"))
+        rows += [(f"MIG of factor {name}", f"{value:.3f}", "0.000") for name, value in
+                 (mig.get("per_factor") or {}).items() if _finite(value)]
+        protocol = scores.get("protocol") or {}
+        note = (f"{protocol.get('name', '')} protocol: {_count(protocol.get('images'))} images drawn and encoded; ± "
+                "is the binomial s.e. of a held-out accuracy") if protocol else ""
+        parts.append("<h3>Disentanglement</h3>" + _table(rows, ("Metric", "Value", "Chance level"),
+                                                         numeric_cols=(1, 2)) + (_note(note) if note else ""))
     if ev.model_metrics:
         parts.append("<h3>Model-specific metrics</h3>" + _table(
             [(k.replace("_", " "), _fmt(v)) for k, v in _flatten(ev.model_metrics).items()], ("Metric", "Value"),

@@ -167,7 +167,19 @@ def test_scores_are_reproducible_from_the_seed():
     encode = noise(4)
     b = disentanglement_scores(lambda x: aligned(x) + 0.5 * encode(x), GRID, seed=3, num_train=300, num_eval=200,
                                num_points=2000)
+    assert a.pop("protocol").pop("seconds") >= 0 and b.pop("protocol").pop("seconds") >= 0  # wall time differs
     assert a == b
+
+
+def test_the_quick_protocol_is_the_default_and_says_its_precision():
+    scores = disentanglement_scores(aligned, GRID, seed=0, batch_size=4, num_train=100, num_eval=50, num_points=300,
+                                    progress=False)
+    assert scores["protocol"]["name"] == "quick" and scores["protocol"]["num_eval"] == 50
+    assert scores["protocol"]["images"] == (100 + 50) * 4 * 3 + 2 * 300
+    accuracy = scores["beta_vae"]["eval_accuracy"]
+    assert scores["beta_vae"]["eval_accuracy_se"] == pytest.approx((accuracy * (1 - accuracy) / 50) ** 0.5)
+    with pytest.raises(ElbolabError, match="protocol"):
+        disentanglement_scores(aligned, GRID, protocol="slow")
 
 
 def test_bad_inputs_are_refused():
