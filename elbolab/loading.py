@@ -14,7 +14,18 @@ from elbolab.config import upgrade_run_config
 from elbolab.data import load_data
 from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.models import get_model_class
-from elbolab.runs import BEST_WEIGHTS, CONFIG, WEIGHTS, describe_nonfinite, load_tensors, nonfinite_tensors, read_json
+from elbolab.run_folder import option_defaults
+from elbolab.runs import (
+    BEST_WEIGHTS,
+    CONFIG,
+    WEIGHTS,
+    config_mismatch,
+    describe_nonfinite,
+    dtype_mismatches,
+    load_tensors,
+    nonfinite_tensors,
+    read_json,
+)
 
 
 def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
@@ -22,8 +33,9 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
     the last epoch) or model.best.safetensors (``"best"``, kept with --keep-best); no unpickling anywhere.
 
     Returns ``(model, config)``: the model in eval mode and config.json as a dict. Every way the two files can fail
-    to fit (a key missing, a value of the wrong type, a tensor of another shape, weights holding NaN or inf)
-    raises one CheckpointError saying what differs and what to do.
+    to fit (a key missing, a value of the wrong type, a tensor of another shape or dtype, a config.json edited since
+    the weights were saved with theirs, weights holding NaN or inf) raises one CheckpointError saying what differs
+    and what to do.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -61,7 +73,7 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
     except (ElbolabError, TypeError, ValueError) as error:
         raise CheckpointError(f"{config_path} does not describe a valid model ({error}); {restore}") from None
 
-    weights, _ = load_tensors(weights_path)
+    weights, meta = load_tensors(weights_path)
     expected = model.state_dict()
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -81,6 +93,22 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
             f"{weights_path} does not match config.json: tensor {key!r} has shape {got} in the weights but the model "
             f"config.json describes ({settings}) needs {want}{more}; config.json was edited or comes from another "
             f"run: {restore}"
+        )
+    dtypes = dtype_mismatches(weights, {key: value.dtype for key, value in expected.items()})
+    if dtypes:
+        key, found, want = dtypes[0]
+        more = f" (and {len(dtypes) - 1} more tensor(s))" if len(dtypes) > 1 else ""
+        raise CheckpointError(
+            f"{weights_path}: tensor {key!r} is {found}, expected {want} (the dtype elbolab trains and saves){more}; "
+            "the file was converted or damaged and its values would be cast silently: restore it from a copy of the "
+            "run, or train again"
+        )
+    differs = config_mismatch((meta or {}).get("config"), name, model.config.to_dict(),
+                              option_defaults(cls.config_class), weights_path.name)
+    if differs:
+        raise CheckpointError(
+            f"{config_path} does not match the weights: it was edited or comes from another run ({differs}); "
+            f"{restore}"
         )
     bad = nonfinite_tensors(weights)
     if bad:

@@ -12,9 +12,13 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,23 +43,59 @@ def _umask() -> int:
     return mask
 
 
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+_STRERRORS = {os.strerror(code): code for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO,
+                                                   errno.EFBIG)}
+
+
+def _write_error(error: BaseException, path: Path) -> OSError | None:
+    """A failed write as ``OSError(errno, strerror, path)`` naming the file the user knows (not a temporary), or None
+    when ``error`` is not an I/O failure. Python's own write errors often carry no file name, and safetensors'
+    SafetensorError carries the OS error only in its text ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(error, OSError):
+        code = error.errno
+    elif type(error).__name__ == "SafetensorError":
+        text = str(error)
+        found = _OS_ERROR_IN_TEXT.search(text)
+        code = int(found.group(1)) if found else next((c for s, c in _STRERRORS.items() if s in text), None)
+    else:
+        return None
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
+@contextmanager
+def writing(path: Path):
+    """Turn a failed write of ``path`` (a full disk, a read-only folder) into one ``OSError`` naming ``path``."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - converted only when it is an I/O failure
+        converted = _write_error(error, Path(path))
+        if converted is None:
+            raise
+        raise converted from error
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves half a file.
 
     The file gets the permissions of any other file the user creates (0666 less the umask; mkstemp's are 0600).
-    A temporary file left by a killed process is removed by ``remove_stale_temporaries``."""
+    A temporary file left by a killed process is removed by ``remove_stale_temporaries``. A failed write (a full
+    disk: safetensors' error or Python's) raises one ``OSError`` naming ``path``; the previous file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def remove_stale_temporaries(folder: Path) -> list[str]:
@@ -131,6 +171,9 @@ def save_evaluation(run_dir: Path, result: dict) -> Path:
             break
         except FileExistsError:
             continue
+        except OSError as error:  # a full disk: no half-written evaluation, and the error names the file
+            path.unlink(missing_ok=True)
+            raise OSError(error.errno, error.strerror, str(path)) from error
     write_json(Path(run_dir) / EVAL, result)
     return path
 
@@ -180,6 +223,47 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata)} if metadata is not None else None
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def model_config_metadata(model_name: str, model_config: dict) -> dict:
+    """What weights files carry to tie them to their config.json: the model's name, its model config (as JSON) and
+    a fingerprint, the sha256 of both in canonical JSON."""
+    config = json.loads(json.dumps(model_config))  # tuples -> lists, as config.json holds them
+    canonical = json.dumps({"model": model_name, "model_config": config}, sort_keys=True, separators=(",", ":"))
+    return {"model": model_name, "model_config": config,
+            "sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+
+
+def config_mismatch(saved: dict | None, model_name: str, model_config: dict, defaults: dict,
+                    weights: str = "the weights") -> str | None:
+    """How the model config the weights were saved with (``saved``, from ``model_config_metadata``) differs from
+    the one config.json describes now: "model_config.likelihood is 'gaussian' in config.json, 'bernoulli' in
+    model.safetensors" (``weights`` names the file), or None when they agree or the weights predate fingerprints.
+    ``defaults`` (the config class's field defaults) stand in for fields added after the weights were saved, so
+    older runs keep loading."""
+    if not isinstance(saved, dict) or "sha256" not in saved:
+        return None  # written before weights carried their config: nothing to compare
+    mine = model_config_metadata(model_name, model_config)
+    if saved["sha256"] == mine["sha256"]:
+        return None
+    if saved.get("model") != model_name:
+        return f"model is {model_name!r} in config.json, {saved.get('model')!r} in {weights}"
+    theirs, defaults = saved.get("model_config"), json.loads(json.dumps(defaults, default=str))
+    if not isinstance(theirs, dict):
+        return f"{weights} carry another model config"
+    for key in sorted(mine["model_config"]):
+        value = mine["model_config"][key]
+        if key in theirs and theirs[key] != value or key not in theirs and key in defaults and defaults[key] != value:
+            return f"model_config.{key} is {value!r} in config.json, {theirs.get(key, defaults.get(key))!r} in " \
+                   f"{weights}"
+    return None  # only fields added since (at their defaults) or removed since differ
+
+
+def dtype_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.dtype]) -> list[tuple[str, str, str]]:
+    """``(name, found, expected)`` of every tensor whose dtype is not the model's own, in order (a float16 or int32
+    copy would be cast silently by load_state_dict)."""
+    return [(name, str(tensors[name].dtype).replace("torch.", ""), str(dtype).replace("torch.", ""))
+            for name, dtype in expected.items() if name in tensors and tensors[name].dtype != dtype]
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -50,7 +50,13 @@ class Schedule:
             args = tuple(float(a) for a in raw)
         except ValueError:
             args = ()
-        if not low <= len(args) <= high or not all(math.isfinite(a) for a in args):
+        infinite = next((a for a, value in zip(raw, args) if not math.isfinite(value)), None)
+        if low <= len(args) <= high and infinite is not None:  # the value as the user wrote it, not our spec
+            if kind == "constant":
+                raise ElbolabError(f"{name}: expected a finite number, got {infinite.strip()} (a schedule's values "
+                                   "must be finite)")
+            raise ElbolabError(f"schedule {name}: expected finite numbers, got {infinite.strip()} in {spec!r}")
+        if not low <= len(args) <= high:
             raise ElbolabError(f"schedule {name}: expected {_FORMS} with finite numbers; got {spec!r}")
         if kind == "linear" and (args[2] < 0 or (len(args) == 4 and args[3] < 0)):
             raise ElbolabError(f"schedule {name}: expected non-negative epochs and start in {spec!r}")

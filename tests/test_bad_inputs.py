@@ -322,3 +322,252 @@ def test_options_that_would_have_no_effect_are_refused(tmp_path, capsys):
                  "--epochs", "1", "--no-progress"])
     assert code == 2 and "latent_dim given both as --set and as its own flag (--latent-dim)" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+
+
+# ------------------------------------------------------------- 7. trust at the edges (issue 25, review 2026-12-07)
+TINY = dict(latent_dim=2, hidden=(16,), epochs=1, progress=False, tensorboard=False, figures=False)
+
+
+def resave(path, edit_tensors=None, edit_metadata=None):
+    """Rewrite a safetensors file with a valid header (as another tool would), editing its tensors or metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    if edit_tensors is not None:
+        tensors = edit_tensors(tensors)
+    if edit_metadata is not None:
+        metadata = edit_metadata(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_init_from_an_unrelated_architecture_is_refused_unless_partial(trained, tmp_path):
+    from elbolab.models import get_model_class
+
+    pretrained, _ = loading.load_run(trained)  # hidden=(8,)
+    cls = get_model_class("vae")
+    model = cls(cls.config_class(input_dim=64, latent_dim=2, hidden=(16,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ElbolabError, match=r"only 3 of VAE's 10 tensors match .*architectures differ.*"
+                                           r"pass --init-partial .*to copy them anyway"):
+        model.load_pretrained(pretrained.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing copied
+    copied = model.load_pretrained(pretrained.state_dict(), partial=True)
+    assert list(copied) == ["decoder.2.bias", "encoder.loc.bias", "encoder.log_var.bias"]
+    assert (copied.copied, copied.total) == (3, 10)
+    assert copied.summary().startswith("init-from: copied 3 of 10 tensors (decoder.2.bias")
+    same = cls(pretrained.config).load_pretrained(pretrained.state_dict())
+    assert (same.copied, same.total) == (10, 10)
+    with pytest.raises(ElbolabError, match="--init-partial"):  # through the pipeline: refused before any file
+        pipeline.train("vae", "digits", out=tmp_path / "never", init_from=trained, **TINY)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float16])
+def test_weights_of_another_dtype_are_refused(run, capsys, dtype):
+    resave(run / runs.WEIGHTS, lambda t: {k: (v * 100).to(dtype) for k, v in t.items()})
+    found = str(dtype).replace("torch.", "")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '.*' is {found}, expected float32"):
+        loading.load_run(run)
+    code, _, err = cli(capsys, "sample", str(run), "-n", "4", "--out", str(run / "s.png"))
+    assert code == 2 and err.count("\n") == 1 and f"is {found}, expected float32" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float16])
+def test_a_checkpoint_of_another_dtype_is_refused_on_resume(run, dtype):
+    path = run / runs.CHECKPOINT
+    resave(path, lambda t: {k: v.to(dtype) if k.startswith("model.") else v for k, v in t.items()})
+    saved = path.read_bytes()
+    found = str(dtype).replace("torch.", "")
+    with pytest.raises(CheckpointError, match=rf"checkpoint.safetensors: tensor 'model\..*' is {found}, "
+                                              r"expected float32"):
+        pipeline.train(out=run, resume=True, epochs=2)
+    assert path.read_bytes() == saved
+
+
+def test_a_config_edited_to_another_likelihood_is_refused(run, capsys):
+    edit_config(run, lambda c: c["model_config"].update(likelihood="gaussian"))
+    expected = (r"config.json does not match the weights: it was edited or comes from another run "
+                r"\(model_config.likelihood is 'gaussian' in config.json, 'bernoulli' in {}\)")
+    with pytest.raises(CheckpointError, match=expected.format("model.safetensors")):
+        loading.load_run(run)
+    with pytest.raises(CheckpointError, match=expected.format("checkpoint.safetensors")):
+        pipeline.train(out=run, resume=True, epochs=2)
+    code, _, err = cli(capsys, "eval", str(run), "--iw-samples", "5", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "model_config.likelihood" in err
+
+
+def test_weights_carry_their_config_and_older_files_still_load(run):
+    _, meta = runs.load_tensors(run / runs.WEIGHTS)
+    saved = json.loads((run / runs.CONFIG).read_text())
+    assert meta["config"]["model"] == "vae" and meta["config"]["model_config"] == saved["model_config"]
+    assert len(meta["config"]["sha256"]) == 64
+    assert runs.load_tensors(run / runs.CHECKPOINT)[1]["config"] == meta["config"]
+    # a field added after the weights were saved (absent from both the old config.json and the old metadata)
+    old = {k: v for k, v in meta["config"]["model_config"].items() if k != "encoder_covariance"}
+    edit_config(run, lambda c: c["model_config"].pop("encoder_covariance"))
+    resave(run / runs.WEIGHTS, edit_metadata=lambda m: {"json": json.dumps(
+        {"config": runs.model_config_metadata("vae", old)})})
+    loading.load_run(run)
+    # a file written before weights carried their config: no metadata at all
+    save_file(load_file(str(run / runs.WEIGHTS)), str(run / runs.WEIGHTS))
+    edit_config(run, lambda c: c["model_config"].update(likelihood="gaussian"))
+    model, _ = loading.load_run(run)  # nothing to compare with: accepted, as before
+    assert model.config.likelihood == "gaussian"
+
+
+def test_an_older_beta_vae_config_still_matches_its_weights(tmp_path):
+    run = pipeline.train("beta-vae", "digits", out=tmp_path / "b", **TINY)
+
+    def older_form(config):  # beta in the model config, no beta schedule: upgraded on read
+        config["model_config"]["beta"] = 4.0
+        config["train_config"]["schedules"].pop("beta", None)
+
+    edit_config(run, older_form)
+    model, config = loading.load_run(run)
+    assert "beta" not in config["model_config"] and config["train_config"]["schedules"]["beta"] == "constant:4.0"
+    pipeline.train(out=run, resume=True, epochs=2)
+
+
+def test_a_full_disk_while_training_is_one_line_and_resume_stays_exact(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from safetensors import SafetensorError
+
+    reference = pipeline.train("vae", "digits", out=tmp_path / "ref", **{**TINY, "epochs": 2})
+    run = pipeline.train("vae", "digits", out=tmp_path / "run", **TINY)
+    checkpoint = (run / runs.CHECKPOINT).read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):  # what safetensors raises when the write fails
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(runs, "save_file", disk_full)
+    with pytest.raises(OSError) as info:
+        pipeline.train(out=run, resume=True, epochs=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(run / runs.CHECKPOINT)
+    code, _, err = cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress",
+                       "--no-tensorboard")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"could not write {run / runs.CHECKPOINT}: No space left on device" in err
+    assert (run / runs.CHECKPOINT).read_bytes() == checkpoint and not list(run.glob(".*.tmp"))
+
+    def metrics_full(self, records):  # Python's own write error names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "save_file", save_file)
+    monkeypatch.setattr("elbolab.loggers.MetricsLog.write", metrics_full)
+    with pytest.raises(OSError) as info:
+        pipeline.train(out=run, resume=True, epochs=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(run / runs.METRICS)
+    with pytest.raises(OSError, match="No space left") as info:  # any atomic write (JSON files too)
+        runs.atomic_write(run / "x.json", lambda tmp: metrics_full(None, None))
+    assert info.value.filename == str(run / "x.json") and not (run / "x.json").exists()
+    monkeypatch.undo()
+    pipeline.train(out=run, resume=True, epochs=2)  # space again: the resume is exact
+    for name in (runs.WEIGHTS, runs.CHECKPOINT):
+        ours, theirs = load_file(str(run / name)), load_file(str(reference / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_full_disk_while_saving_an_evaluation_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(obj, f, **kwargs):
+        f.write('{"half": ')
+        raise OSError(errno.ENOSPC, "No space left on device")  # as Python's write raises it: no file name
+
+    monkeypatch.setattr(runs.json, "dump", disk_full)
+    result = {"evaluated_at": "2026-12-07T10:00:00+0000", "split": "test", "log_px": {"k": 5, "n_examples": 9}}
+    with pytest.raises(OSError, match="No space left") as info:
+        runs.save_evaluation(tmp_path, result)
+    assert info.value.filename == str(tmp_path / runs.EVALUATIONS / "test-K5-n9-20261207T100000Z.json")
+    assert not list((tmp_path / runs.EVALUATIONS).iterdir())  # no half-written evaluation
+
+
+def test_the_real_safetensors_write_error_becomes_an_os_error(tmp_path):
+    """safetensors' own error on a failed write (here: a file-size limit, EFBIG; a full disk is ENOSPC)."""
+    code = f"""
+import resource, signal, torch
+from elbolab import runs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    runs.save_tensors({str(tmp_path / 'w.safetensors')!r}, {{"a": torch.zeros(10000)}})
+except OSError as error:
+    print(error.errno, error.filename, error.strerror)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    import errno
+
+    assert done.stdout.split(" ", 2) == [str(errno.EFBIG), str(tmp_path / "w.safetensors"), "File too large\n"], \
+        done.stderr
+    assert not list(tmp_path.glob("*"))  # neither the file nor a temporary
+
+
+def test_prior_holes_of_an_autoencoder_is_refused_in_one_line(tmp_path, capsys):
+    from elbolab.prior_holes import prior_holes
+
+    run = pipeline.train("autoencoder", "digits", out=tmp_path / "ae", **TINY)
+    with pytest.raises(ElbolabError, match=r"has no q\(z\|x\): prior holes need a model with a posterior, e.g. vae"):
+        prior_holes(run, figures=False)
+    code, _, err = cli(capsys, "holes", str(run))
+    assert code == 2 and err.count("\n") == 1 and "no q(z|x)" in err
+
+
+def test_non_finite_values_are_named_as_the_user_gave_them(tmp_path):
+    from elbolab.schedules import Schedule
+
+    with pytest.raises(ElbolabError, match=r"^gamma: expected a finite number, got inf") as info:
+        pipeline.train("factor-vae", "digits", out=tmp_path / "never", gamma=float("inf"), **TINY)
+    assert "constant:" not in str(info.value) and not (tmp_path / "never").exists()
+    with pytest.raises(ElbolabError, match=r"^beta: expected a finite number, got 1e400"):
+        Schedule.parse("1e400", "beta")
+    with pytest.raises(ElbolabError, match=r"schedule beta: expected finite numbers, got inf in 'linear:0:1:inf'"):
+        Schedule.parse("linear:0:1:inf", "beta")
+    with pytest.raises(ElbolabError, match="kl_warmup_epochs") as info:  # refused by its own name (config.py)
+        pipeline.train("vae", "digits", out=tmp_path / "never", kl_warmup_epochs=float("inf"), **TINY)
+    assert "linear:" not in str(info.value)
+
+
+def test_a_shape_mismatch_on_resume_is_one_line(run, capsys):
+    edit_config(run, lambda c: c["model_config"].update(latent_dim=3))
+    code, _, err = cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress",
+                       "--no-tensorboard")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "tensor 'model.encoder.loc.weight' has shape [2, 8] in the checkpoint" in err and "[3, 8]" in err
+
+
+def test_gmm_on_values_near_1e300_says_overflow(tmp_path, capsys):
+    from elbolab.classical import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (40, 2)), rng.normal(5, 1, (40, 2))]) * 1e300
+    np.savetxt(tmp_path / "big.csv", X, delimiter=",")
+    with pytest.raises(DataError, match=r"the data overflow float64 arithmetic \(values up to .*e300\); "
+                                        r"standardise the columns \(subtract the mean, divide by the s.d.\)"):
+        GaussianMixture(2, random_state=0).fit(X)
+    for method in ("em", "vb"):
+        code, _, err = cli(capsys, "gmm", "fit", str(tmp_path / "big.csv"), "-k", "2", "--method", method,
+                           "--out", str(tmp_path / method))
+        assert code == 2 and "overflow float64 arithmetic" in err and "singular" not in err, err
+        assert err.count("\n") == 1
+
+
+def test_ctrl_c_during_the_final_report_says_the_run_is_complete(tmp_path, monkeypatch):
+    from elbolab.errors import TrainingInterrupted
+    from elbolab.models.base import LatentVariableModel
+
+    def interrupted(self, run_dir, splits):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LatentVariableModel, "figures", interrupted)
+    try:
+        with pytest.raises(TrainingInterrupted, match=r"training is complete \(weights and checkpoint saved\); "
+                                                      r"the report was interrupted: rebuild it with 'elbolab report"):
+            pipeline.train("vae", "digits", out=tmp_path / "r", **{**TINY, "figures": True})
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped pipeline.train")
+    assert (tmp_path / "r" / runs.CHECKPOINT).is_file()

@@ -86,6 +86,22 @@ def as_data_matrix(X, *, dtype: torch.dtype, device: torch.device, n_features: i
     return t
 
 
+def overflow_message(dtype: torch.dtype, biggest: float | None = None) -> str:
+    """The data are finite but their squares (the moments every fit computes) are not representable."""
+    up_to = f" (values up to {biggest:.3g})".replace("e+", "e") if biggest is not None else ""
+    message = (f"the data overflow {str(dtype).replace('torch.', '')} arithmetic{up_to}; standardise the columns "
+               "(subtract the mean, divide by the s.d.)")
+    return message + (", or use dtype='float64'" if dtype == torch.float32 else "")
+
+
+def check_no_overflow(X: torch.Tensor, Xc: torch.Tensor | None = None) -> None:
+    """Refuse finite data whose column means or sums of squares (about the means, ``Xc`` when given) overflow: the
+    fit would meet infinite covariances and blame a singular one."""
+    Xc = X - X.mean(0) if Xc is None else Xc
+    if not (bool(torch.isfinite(Xc).all()) and bool(torch.isfinite((Xc * Xc).sum(0)).all())):
+        raise DataError(overflow_message(X.dtype, float(X.abs().max())))
+
+
 def as_param_tensor(value, shape: tuple, name: str, *, dtype, device) -> torch.Tensor:
     """A user-supplied parameter array (weights_init, mean_prior, ...) with an exact shape and finite values."""
     try:
@@ -124,6 +140,9 @@ def singular_message(components, reg_covar: float, n_components: int, dtype: tor
 
 def precision_cholesky(cov: torch.Tensor, cov_type: str, *, reg_covar: float, n_components: int) -> torch.Tensor:
     """Upper ``P`` with ``P P^T = cov^{-1}``: ``P = L^{-T}`` from one triangular solve against the identity."""
+    if not bool(torch.isfinite(cov).all()):  # from finite data (as_data_matrix checks): an overflow, not a collapse
+        raise DataError(overflow_message(cov.dtype).replace("the data overflow", "the covariances computed from the "
+                                                            "data overflow"))
     if cov_type in ("full", "tied"):
         chol, info = torch.linalg.cholesky_ex(cov)
         bad = (info != 0) | ~torch.isfinite(chol).flatten(-2).all(-1)
@@ -480,6 +499,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
         if not warm:
             self._shift = Xt.mean(0)
         Xc = Xt - self._shift
+        check_no_overflow(Xt, Xc)
         self.n_features_in_ = d
         self._prepare(Xc)
         random_state = check_random_state(self.random_state)

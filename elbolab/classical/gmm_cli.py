@@ -307,6 +307,20 @@ def _check_vb_prior(X: np.ndarray, covariance: str, path: Path) -> None:
                             "--covariance diag or --method em") from None
 
 
+def _check_no_overflow(X: np.ndarray, path: Path) -> None:
+    """Values so large that their squares overflow float64 (near 1e300): say so before any fit, which would call
+    the infinite covariances singular."""
+    import numpy as np
+    import torch
+
+    from elbolab.classical._mixture_common import check_no_overflow
+
+    try:
+        check_no_overflow(torch.from_numpy(np.asarray(X, dtype=np.float64)))
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+
+
 def _for_the_command_line(err: ElbolabError) -> ElbolabError:
     """An estimator's message names its Python arguments; on the command line they are flags."""
     text = str(err)
@@ -343,6 +357,7 @@ def fit_command(
         raise ElbolabError(f"expected --reg-covar >= 0, got {reg_covar}; the default is 1e-6")
     check_output_folder(out, OUTPUTS, overwrite=overwrite)
     X = load_matrix(data)
+    _check_no_overflow(X, data)
     if method == "vb":
         _check_vb_prior(X, covariance, data)
 
