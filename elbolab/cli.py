@@ -5,6 +5,7 @@ Errors from bad input are one line on stderr and exit code 2; ``--debug`` (anywh
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -195,7 +196,10 @@ def train_command(
                                        "linear:v0:v1:epochs[:start], cyclical:vmax:period:ratio, "
                                        "step:v0:factor:every; e.g. free_bits=constant:0.25, beta=cyclical:1:10:0.5, "
                                        "lr=step:0.002:0.9:10"),
-    init_from: Path = typer.Option(None, "--init-from", help="copy the matching weights of a trained run first"),
+    init_from: Path = typer.Option(None, "--init-from", help="copy the matching weights of a trained run first "
+                                   "(refused when less than half of this model's tensors match)"),
+    init_partial: bool = typer.Option(False, "--init-partial", help="with --init-from: copy whatever matches, "
+                                                                    "however little"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="also checkpoint every N steps within an "
                                                                       "epoch (exact mid-epoch resume)"),
     keep_best: bool = typer.Option(False, "--keep-best", help="also keep the best-on-validation weights "
@@ -215,7 +219,8 @@ def train_command(
     from elbolab import pipeline
 
     model, data, init_from, options = _train_settings(ctx, model, data, init_from)
-    run = pipeline.train(model, data, out=out, init_from=init_from, resume=resume, overwrite=overwrite, **options)
+    run = pipeline.train(model, data, out=out, init_from=init_from, init_partial=init_partial, resume=resume,
+                         overwrite=overwrite, **options)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run written to {run}")
 
@@ -522,7 +527,8 @@ def _os_error_message(error: OSError) -> str:
     """A file-system failure (read-only, full, missing, forbidden) as one line that says what to check."""
     where = f" {error.filename}" if error.filename else ""
     reason = error.strerror or type(error).__name__
-    return (f"could not use{where}: {reason}; check that the path exists and is writable and that the disk has "
+    verb = "write" if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS) else "use"
+    return (f"could not {verb}{where}: {reason}; check that the path exists and is writable and that the disk has "
             "room (files written before this point are complete; a run folder can be trained into again)")
 
 

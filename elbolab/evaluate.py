@@ -141,9 +141,11 @@ def kl_per_dimension(model: nn.Module, data, *, batch_size: int = 1000) -> torch
     return torch.cat([kl.mean(0) for kl in groups.values()])
 
 
-def collapse_check(model: nn.Module, data, *, max_examples: int = 1000, seed: int = 0) -> dict:
+def collapse_check(model: nn.Module, data, *, max_examples: int = 1000, seed: int = 0,
+                   schedules: dict | None = None) -> dict:
     """Active units and the mean KL on up to ``max_examples`` examples of ``data``, and a warning when the posterior
-    has collapsed (no or few active units, or a KL near zero). Empty for a model without a KL (an autoencoder)."""
+    has collapsed (no or few active units, or a KL near zero), with the remedies this model accepts and the run
+    (its ``schedules``) has not already tried. Empty for a model without a KL (an autoencoder)."""
     n = min(len(data), max_examples)
     batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed))
     kl_groups = _per_group(model, batch, 1000, "kl_terms")
@@ -155,10 +157,13 @@ def collapse_check(model: nn.Module, data, *, max_examples: int = 1000, seed: in
     mean_kl = float(sum(kl.sum(1).mean() for kl in kl_groups.values()))
     result = {"active_units": active, "latent_dim": latent_dim, "mean_kl": mean_kl, "collapse_warning": None}
     if active == 0 or active * 10 <= latent_dim or mean_kl < 0.1:
-        reads = set(getattr(model, "scheduled_values", ()))
-        remedies = [text for name, text in (("beta", "KL warm-up (--kl-warmup 10)"),
-                                             ("free_bits", "free bits (--schedule free_bits=constant:0.25)"),
-                                             ("beta", "a smaller --beta")) if name in reads]
+        reads, tried = set(model.scheduled_values), dict(schedules or {})
+        warmed_up = str(tried.get("beta", "")).startswith(("linear:0:", "cyclical:"))
+        remedies = [text for name, text, done in (
+            ("beta", "KL warm-up (--kl-warmup 10)", warmed_up),
+            ("free_bits", "free bits (--schedule free_bits=constant:0.25)", "free_bits" in tried),
+            ("beta", "a smaller --beta", False)) if name in reads and not done]
+        remedies += model.collapse_remedies()
         result["collapse_warning"] = (
             f"posterior collapse: {active} of {latent_dim} latent units are active and the mean KL is {mean_kl:.3g} "
             f"nats, so the decoder mostly ignores z. Try {', '.join(remedies + ['more --epochs'])}"

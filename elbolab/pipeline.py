@@ -19,7 +19,7 @@ from elbolab import runs
 from elbolab.config import BETA_SUGAR, TrainConfig, beta_schedule, check_device, upgrade_run_config
 from elbolab.data import available_sources
 from elbolab.data.core import Batch
-from elbolab.errors import CheckpointError, ElbolabError
+from elbolab.errors import CheckpointError, ElbolabError, TrainingInterrupted
 from elbolab.likelihoods import LIKELIHOODS
 from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
@@ -70,13 +70,14 @@ def with_beta_schedule(train_options: dict, sugar: dict, model) -> dict:
 
 
 def train(model_name: str | None = None, data=None, *, out, resume: bool = False, overwrite: bool = False,
-          figures: bool = True, init_from=None, **options) -> Path:
+          figures: bool = True, init_from=None, init_partial: bool = False, **options) -> Path:
     """Train ``model_name`` on ``data`` (default "digits") into the run folder ``out``; returns the run folder.
 
     ``options`` are fields of the model's config class (``latent_dim``, ``hidden``, ``likelihood``, a model's own
     fields such as ``k``), of ``TrainConfig`` (``epochs``, ``lr``, ``schedules``, ``checkpoint_every``,
     ``keep_best``, ``device``, ...) or data options (``binarize``, ``val_size``, ``data_dir``). ``init_from`` copies
-    the matching weights of a trained run first. ``resume=True`` continues the run in ``out`` with its saved
+    the matching weights of a trained run first (refused when less than half of this model's tensors match, unless
+    ``init_partial``). ``resume=True`` continues the run in ``out`` with its saved
     settings (only ``out`` is needed; ``epochs`` may extend it; any other option that differs is refused by name).
     ``overwrite=True`` deletes the run in ``out`` and starts again.
     """
@@ -123,15 +124,24 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
     init_info = None
     if init_from is not None and not resume:
         pretrained, _ = load_run(init_from)
-        loaded = model.load_pretrained(pretrained.state_dict())
-        init_info = {"run": str(Path(init_from).resolve()), "tensors": loaded}
+        loaded = model.load_pretrained(pretrained.state_dict(), partial=init_partial)
+        init_info = {"run": str(Path(init_from).resolve()), "tensors": list(loaded), "copied": loaded.copied,
+                     "of": loaded.total}
+    elif init_partial:
+        raise ElbolabError("--init-partial allows a partial --init-from copy; give --init-from RUN too")
     trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info, init_from=init_info)
+    if init_info is not None:
+        trainer.say(loaded.summary())
     history = trainer.fit(splits.train, splits.val, resume=resume, overwrite=overwrite)
     if trainer.rank == 0:
-        summary = _training_summary(model, splits.val, history, Path(out), time.perf_counter() - started)
-        if figures:
-            model.figures(out, splits)
-            report(out)
+        try:
+            summary = _training_summary(model, splits.val, history, Path(out), time.perf_counter() - started)
+            if figures:
+                model.figures(out, splits)
+                report(out)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted("training is complete (weights and checkpoint saved); the report was "
+                                      f"interrupted: rebuild it with 'elbolab report {out}'") from None
         for line in summary["lines"]:
             trainer.say(line)
     if trainer.world > 1 and torch.distributed.is_initialized():
@@ -217,6 +227,15 @@ def _resume_settings(out: Path, model_name, data, options: dict):
     return saved["model"], saved_data.get("source") if data is None else data, merged
 
 
+def _run_schedules(out: Path) -> dict:
+    """The schedules the run in ``out`` trained with (config.json), for advice that is not already followed."""
+    try:
+        return dict(upgrade_run_config(runs.read_json(out / runs.CONFIG)).get("train_config", {}).get("schedules")
+                    or {})
+    except (CheckpointError, AttributeError):
+        return {}
+
+
 def _training_summary(model, val, history: list[dict], out: Path, seconds: float) -> dict:
     """Best validation ELBO over the whole run (every session, from metrics.jsonl), the last epoch, this session's
     wall time and a posterior-collapse check; saved in manifest.json, returned with the lines to print."""
@@ -231,14 +250,16 @@ def _training_summary(model, val, history: list[dict], out: Path, seconds: float
         best = max(val_records, key=lambda r: r["elbo"])
         summary.update(best_val_elbo=best["elbo"], best_epoch=best["epoch"])
     if val is not None and len(val):
-        summary.update(collapse_check(model, val))
+        summary.update(collapse_check(model, val, schedules=_run_schedules(out)))
+    warnings = [w for w in [summary.get("collapse_warning"), *model.training_warnings(val)] if w]
+    if warnings:
+        summary["warnings"] = warnings
     minutes, secs = divmod(seconds, 60)
     line = f"done in {int(minutes)}m{secs:04.1f}s"
     if val_records:
         line += f"; best val ELBO {summary['best_val_elbo']:.2f} at epoch {summary['best_epoch']}"
     lines.append(line + f"; report: {(out / 'index.html').resolve()}")
-    if summary.get("collapse_warning"):
-        lines.append("warning: " + summary["collapse_warning"])
+    lines += [f"warning: {warning}" for warning in warnings]
     manifest_path = out / runs.MANIFEST
     if manifest_path.is_file():
         manifest = runs.read_json(manifest_path)

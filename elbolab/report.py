@@ -678,8 +678,10 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
         label = headline["label"] if headline else "log p(x)"
         page += f'<div class="callout"><strong>About the {_e(label)}:</strong> {_e(callout)}</div>'
     summary = manifest.get("summary") if isinstance(manifest, dict) else None
-    if isinstance(summary, dict) and summary.get("collapse_warning"):  # written at the end of training
-        page += f'<div class="callout"><strong>Training:</strong> {_e(str(summary["collapse_warning"]))}</div>'
+    if isinstance(summary, dict):  # written at the end of training
+        warnings = summary.get("warnings") or ([summary["collapse_warning"]] if summary.get("collapse_warning") else [])
+        for warning in warnings:
+            page += f'<div class="callout"><strong>Training:</strong> {_e(str(warning))}</div>'
     return page
 
 

@@ -128,7 +128,7 @@ class Trainer:
             saved = self.folder.saved_config()
             self.init_from = saved.get("init_from")  # a resume continues from the checkpoint, not from init_from
             check_resume_settings(self.run_dir, saved, self.run_config(), type(self.model.config))
-            state = load_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers)
+            state = load_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, self.model_name)
             if self.config.epochs <= state["epoch"]:
                 raise CheckpointError(
                     f"--resume: the run in {self.run_dir} has already trained {state['epoch']} epochs; pass --epochs "
@@ -205,13 +205,14 @@ class Trainer:
         rng_states = self._gather_rng_states()  # every rank takes part; rank 0 saves them
         if self.rank == 0:
             self._check_weights_finite()
-            self.metrics_log.write(records)
+            with runs.writing(self.run_dir / runs.METRICS):  # a full disk: one OSError naming the file
+                self.metrics_log.write(records)
             self._keep_best(records)
             self._epoch_end_hook(val)
             self.metrics_log.images(self.model, val if val is not None and len(val) else train, self.step,
                                     self.config.seed)
             self._save_checkpoint(None, rng_states=rng_states)
-            runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict())
+            runs.save_tensors(self.run_dir / runs.WEIGHTS, self.model.state_dict(), self._weights_metadata())
             self.say(epoch_line(self.epoch, self.config.epochs, records, seconds))
         if self.world > 1:
             torch.distributed.barrier()
@@ -231,8 +232,14 @@ class Trainer:
                  "world": self.world, "in_epoch": in_epoch, "best": list(self.best) if self.best else None}
         extra = {"binarize": generator.get_state()} if generator is not None else {}
         extra.update({f"rng_rank{rank}": rng for rank, rng in enumerate(rng_states or [])})
-        save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, state, extra)
+        save_checkpoint(self.run_dir / runs.CHECKPOINT, self.model, self.optimizers, state, extra,
+                        config=runs.model_config_metadata(self.model_name, self.model.config.to_dict()))
         self._checkpointed = True
+
+    def _weights_metadata(self) -> dict:
+        """What model.safetensors and model.best.safetensors carry besides the tensors: the model config they were
+        trained with and its fingerprint (``load_run`` refuses a config.json edited since)."""
+        return {"config": runs.model_config_metadata(self.model_name, self.model.config.to_dict())}
 
     def _check_weights_finite(self) -> None:
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -254,7 +261,7 @@ class Trainer:
         score = val["elbo"] if "elbo" in val else -val["loss"]
         if self.best is None or score > self.best[0]:
             self.best = (score, self.epoch)
-            runs.save_tensors(self.run_dir / runs.BEST_WEIGHTS, self.model.state_dict())
+            runs.save_tensors(self.run_dir / runs.BEST_WEIGHTS, self.model.state_dict(), self._weights_metadata())
 
     def _autocast(self):
         return autocast(self.config.precision, self._like.device)
@@ -382,6 +389,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed + 7919)  # the same binarisation every epoch
         ctx = self.context(self.epoch + 1)  # the schedules' values at the end of this epoch, as logged for train
         totals = MetricTotals()
+        val = self.model.validation_rows(val)
         param = next(self.model.parameters())
         for index in torch.arange(len(val)).split(batch_size):
             with self._autocast():

@@ -13,7 +13,7 @@ from elbolab.clustering import cluster_accuracy
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
 from elbolab.models import get_model_class
-from elbolab.models.vade import VaDEConfig, cluster_log_posterior, vade_kl
+from elbolab.models.vade import COVARIANCE_FLOOR, VaDEConfig, cluster_log_posterior, vade_kl
 from elbolab.schedules import StepContext
 
 SMALL = dict(input_dim=6, latent_dim=3, hidden=(8,), n_clusters=4)
@@ -132,7 +132,8 @@ def test_prepare_sets_the_prior_to_em_on_the_encoder_means(digits, covariance):
     seed = int(torch.randint(2**31 - 1, ()))  # the EM seed prepare drew
     with torch.no_grad():
         means = model.encode(train.batch(torch.arange(len(train))).x).mean.double().numpy()  # all at once
-    gmm = GaussianMixture(5, covariance_type=covariance, max_iter=200, random_state=seed).fit(means)
+    floor = max(COVARIANCE_FLOOR * means.var(0).mean(), 1e-6)  # relative to the codes' own spread
+    gmm = GaussianMixture(5, covariance_type=covariance, max_iter=200, random_state=seed, reg_covar=floor).fit(means)
     prior = model.prior()
     np.testing.assert_allclose(prior.component_distribution.mean.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-5)
     if covariance == "diag":
@@ -163,7 +164,9 @@ def test_prepare_keeps_the_restart_chosen_by_likelihood_or_information(digits, s
     with torch.no_grad():
         means = model.encode(train.batch(torch.arange(len(train))).x).mean.double().numpy()
     rng = np.random.RandomState(seed)
-    fits = [GaussianMixture(5, covariance_type="diag", max_iter=200, random_state=rng).fit(means) for _ in range(4)]
+    floor = max(COVARIANCE_FLOOR * means.var(0).mean(), 1e-6)
+    fits = [GaussianMixture(5, covariance_type="diag", max_iter=200, random_state=rng, reg_covar=floor).fit(means)
+            for _ in range(4)]
     information = [mutual_information(fit.predict_proba(means)) for fit in fits]
     likelihood = [fit.lower_bound_ for fit in fits]  # EM's n_init keeps the highest
     chosen = fits[int(np.argmax(information if selection == "information" else likelihood))]
@@ -297,3 +300,38 @@ def test_cluster_scatter_gives_each_cluster_the_colour_of_its_matched_class(tmp_
     for name, colour in cluster_colour.items():
         assert colour == label_colour[name.split(" -> ")[1]]
     assert len(set(cluster_colour.values())) == 3
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_thin_clusters_no_longer_start_with_a_huge_kl(digits, covariance):
+    # codes on a 2-d plane of a 6-d latent (a briefly pretrained autoencoder's codes are as degenerate): EM fits
+    # near-singular components, and q(z|x) at its random width of about 1 meets them with a KL of thousands of nats
+    def model(q_init):
+        torch.manual_seed(0)
+        vade = get_model_class("vade")(VaDEConfig(input_dim=64, latent_dim=6, hidden=(16,), n_clusters=5,
+                                                  gmm_covariance=covariance, q_init=q_init))
+        with torch.no_grad():
+            vade.encoder.loc.weight[2:].zero_()
+            vade.encoder.loc.bias[2:].zero_()
+        torch.manual_seed(1)
+        vade.prepare(digits.train, StepContext())
+        return vade
+
+    batch = digits.val.batch(torch.arange(100))
+    kl = {}
+    for q_init in ("network", "prior"):
+        vade = model(q_init)
+        torch.manual_seed(2)
+        kl[q_init] = float(vade.loss(batch, StepContext()).metrics["kl"].mean())
+    assert kl["network"] > 1000  # the failure: the first epochs then push every code into one cluster
+    assert kl["prior"] < 100 and kl["prior"] < kl["network"] / 50
+
+
+def test_collapsed_clusters_are_warned_about(digits):
+    vade = small_model(input_dim=64, latent_dim=3, n_clusters=4)
+    with torch.no_grad():  # one component takes every code
+        vade.mixture.logits.copy_(torch.tensor([10.0, -10.0, -10.0, -10.0]))
+    warnings = vade.training_warnings(digits.val)
+    assert len(warnings) == 1 and "1 of 4 clusters" in warnings[0] and "gmm_selection=information" in warnings[0]
+    assert small_model(input_dim=64, latent_dim=3, n_clusters=4).training_warnings(None) == []
+

@@ -232,6 +232,11 @@ class LatentVariableModel(nn.Module):
         """Per-group Adam settings that override the trainer's (e.g. ``{"discriminator": {"betas": (0.5, 0.9)}}``)."""
         return {}
 
+    def validation_rows(self, val):
+        """The part of the validation split scored after each epoch: all of it. A model whose evaluation is
+        expensive per example (local-vi fits a q for each) may take the first rows only."""
+        return val
+
     def prepare(self, train, ctx: StepContext) -> None:
         """Called once before the first epoch (not on resume), e.g. to fit a mixture prior on encoder means.
 
@@ -258,6 +263,15 @@ class LatentVariableModel(nn.Module):
             raise NotImplementedError(
                 f"{type(self).__name__}.encode is not its whole q(z|x) (encode_is_q = False): override {hook}")
 
+    def collapse_remedies(self) -> list[str]:
+        """This model's own remedies for posterior collapse, added to the generic ones (KL warm-up, free bits)."""
+        return []
+
+    def training_warnings(self, val) -> list[str]:
+        """Model-specific warnings after training (VaDE: collapsed clusters), each with its remedies; shown by the
+        CLI, kept in the manifest's summary and shown in the report. ``val`` may be None."""
+        return []
+
     def eval_metrics(self, data, per_example_log_px: torch.Tensor) -> dict:
         """Model-specific numbers for eval.json (clustering accuracy, perplexity, ...)."""
         return {}
@@ -276,8 +290,15 @@ class LatentVariableModel(nn.Module):
         """Write this model's figures into run_dir/figures; the default draws the image figures."""
         return standard_figures(self, run_dir, splits)
 
-    def load_pretrained(self, weights: dict[str, torch.Tensor]) -> list[str]:
-        """Copy the tensors whose names and shapes match (``init_from`` a trained run); returns their names."""
+    def load_pretrained(self, weights: dict[str, torch.Tensor], partial: bool = False) -> CopiedTensors:
+        """Copy the tensors whose names and shapes match (``init_from`` a trained run); returns their names (a
+        sorted list) with the count of this model's tensors (``.copied`` of ``.total``, ``.summary()``).
+
+        Refuses when fewer than half of this model's tensors match and neither its whole encoder nor its whole
+        decoder does (the architectures differ: an mlp run into a conv model, another --hidden), unless
+        ``partial=True`` (the CLI's --init-partial); refuses always when none match. A whole sub-network is a
+        meaningful transfer however small a share it is (an autoencoder's decoder into a VAE, a VAE into a
+        FactorVAE, whose discriminator has no counterpart). Nothing is copied when it refuses."""
         own = self.state_dict()
         matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         if not matched:
@@ -285,8 +306,39 @@ class LatentVariableModel(nn.Module):
                 f"init_from: none of the {len(weights)} tensors of that run match {type(self).__name__}'s "
                 "parameters by name and shape; use a run with the same architecture"
             )
+        copied = CopiedTensors(sorted(matched), total=len(own))
+        whole = [part for part in ("encoder", "decoder")
+                 if any(k.startswith(f"{part}.") for k in own)
+                 and all(k in matched for k in own if k.startswith(f"{part}."))]
+        if 2 * copied.copied < copied.total and not whole and not partial:
+            others = [k for k in own if k not in matched]
+            raise ElbolabError(
+                f"init_from: only {copied.copied} of {type(self).__name__}'s {copied.total} tensors match that run's "
+                f"by name and shape ({', '.join(copied[:3])}{', ...' if copied.copied > 3 else ''}; not e.g. "
+                f"{', '.join(others[:2])}), and neither the whole encoder nor the whole decoder: the architectures "
+                "differ (--architecture, --hidden, --latent-dim or the data); use a run with the same architecture, "
+                "or pass --init-partial (partial=True from Python) to copy them anyway"
+            )
         self.load_state_dict(matched, strict=False)
-        return sorted(matched)
+        return copied
+
+
+class CopiedTensors(list):
+    """What ``load_pretrained`` copied: the tensor names (a sorted list, as config.json's ``init_from.tensors``
+    keeps them) and how many tensors the model has (``total``)."""
+
+    def __init__(self, names, total: int):
+        super().__init__(names)
+        self.total = total
+
+    @property
+    def copied(self) -> int:
+        return len(self)
+
+    def summary(self) -> str:
+        """'init-from: copied 7 of 10 tensors (encoder.body.0.weight, ...)', a line for the terminal."""
+        shown = ", ".join(self[:4]) + (", ..." if len(self) > 4 else "")
+        return f"init-from: copied {self.copied} of {self.total} tensors ({shown})"
 
 
 def check_parameter_groups(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> None:

@@ -242,6 +242,10 @@ class HierarchicalVAE(LatentVariableModel):
         return z, log_w
 
     # ----- diagnostics -----
+    def collapse_remedies(self) -> list[str]:
+        extra = [] if self.config.batch_norm else ["batch normalisation (--set batch_norm=true; Sonderby et al.)"]
+        return extra + ["fewer or smaller stochastic layers (--set latent_dims=...)"]
+
     def latent_means(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor]:
         """The mean pass: each layer's q-mean with its parents at their q-means, ``{"z1": [B, d_1], ...}``."""
         zs, _, _ = self.infer(as_batch(batch).x, lambda q: q.mean)

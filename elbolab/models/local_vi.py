@@ -25,12 +25,11 @@ per epoch, so the local parameters converge in epochs (not steps) and need many 
 
 Unseen data (validation, ``elbolab eval``, figures): in eval mode q(z|x) is always fitted afresh per example by
 ``elbolab.inference.fit_local_posterior`` (Adam on mu and log sigma from N(0, I), ``fit_steps`` steps of
-``fit_mc_samples`` draws, the decoder fixed) and cached per row until the decoder's weights change.
-Cost: fit_steps x fit_mc_samples decoder passes, forward and backward, per example (800 with the defaults:
-about what importance sampling with K = 2000 costs), paid for every validation epoch too (a small --val-size keeps
-it cheap). The stored rows are used in training mode only, since a batch does not say which split its row numbers
-refer to.
-"""
+``fit_mc_samples`` draws, the decoder fixed) and cached per row until the decoder's weights change. Cost: fit_steps
+x fit_mc_samples decoder passes, forward and backward, per example (800 with the defaults: about what importance
+sampling with K = 2000 costs), paid for every validation epoch too: validation scores the first ``val_rows`` (1000)
+rows only, and progress is shown while the fits run. The stored rows are used in training mode only, since a batch
+does not say which split its row numbers refer to. """
 
 from __future__ import annotations
 
@@ -48,8 +47,10 @@ from elbolab.inference import fit_local_posterior
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, check_options, option
 from elbolab.models.registry import register_model
 from elbolab.objectives import kl_term
+from elbolab.progress import Progress
 from elbolab.schedules import StepContext
 
+FIT_CHUNK = 250  # examples fitted together (progress is reported between chunks)
 # the local group's Adam: no momentum, no second-moment memory, eps 1 (see the module docstring)
 LOCAL_ADAM = {"betas": (0.0, 0.0), "eps": 1.0}
 
@@ -61,6 +62,7 @@ class LocalVIConfig(ModelConfig):
     fit_steps: int = option(200, "Adam steps of the per-example fit on unseen data (eval mode)")
     fit_lr: float = option(0.05, "learning rate of that fit (decays linearly to 1/20 of it)")
     fit_mc_samples: int = option(4, "Monte-Carlo draws per step of that fit")
+    val_rows: int = option(1000, "validation rows scored after each epoch (each needs its own fit of q); 0: all")
 
     data_fields: typing.ClassVar[tuple[str, ...]] = ("input_dim", "image_shape", "n_train")
 
@@ -72,6 +74,7 @@ class LocalVIConfig(ModelConfig):
             (self.fit_steps >= 1, "fit_steps >= 1", self.fit_steps),
             (self.fit_lr > 0, "fit_lr > 0, e.g. 0.05", self.fit_lr),
             (self.fit_mc_samples >= 1, "fit_mc_samples >= 1", self.fit_mc_samples),
+            (self.val_rows >= 0, "val_rows >= 0 (0: the whole validation split)", self.val_rows),
         ]
         for ok, expected, got in checks:
             if not ok:
@@ -130,13 +133,16 @@ class LocalVI(LatentVariableModel):
         for i, key in enumerate(keys):
             first.setdefault(key, i)  # identical rows are fitted once
         todo = [i for key, i in first.items() if key not in self._fitted]
-        if todo:
-            cfg = self.config
-            with torch.enable_grad():
-                fit = fit_local_posterior(self, batch[torch.tensor(todo)], steps=cfg.fit_steps, lr=cfg.fit_lr,
-                                          mc_samples=cfg.fit_mc_samples, init="prior", seed=0)
-            for i, loc, scale in zip(todo, fit.loc, fit.scale):
-                self._fitted[keys[i]] = (loc, scale)
+        cfg = self.config
+        with Progress(f"local-vi: fitting q(z) for {len(todo):,} examples ({cfg.fit_steps} steps each)",
+                      total=len(todo), unit="examples", enabled=len(todo) > FIT_CHUNK) as bar:
+            for part in (todo[i:i + FIT_CHUNK] for i in range(0, len(todo), FIT_CHUNK)):
+                with torch.enable_grad():
+                    fit = fit_local_posterior(self, batch[torch.tensor(part)], steps=cfg.fit_steps, lr=cfg.fit_lr,
+                                              mc_samples=cfg.fit_mc_samples, init="prior", seed=0)
+                for i, loc, scale in zip(part, fit.loc, fit.scale):
+                    self._fitted[keys[i]] = (loc, scale)
+                bar.update(len(part))
         loc = torch.stack([self._fitted[key][0] for key in keys])  # [B, d]
         scale = torch.stack([self._fitted[key][1] for key in keys])  # [B, d]
         return Independent(Normal(loc, scale, validate_args=False), 1)
@@ -150,6 +156,14 @@ class LocalVI(LatentVariableModel):
         objective = recon - ctx.value("beta", 1.0) * kl  # [B]
         losses = {"model": -objective.mean(), "local": -objective.sum() if self.training else None}
         return LossOutput(losses, {"elbo": (recon - kl).detach(), "kl": kl.detach(), "recon": recon.detach()})
+
+    def collapse_remedies(self) -> list[str]:
+        return [f"a larger --set local_lr (now {self.config.local_lr:g}): each q_i moves only when its row's batch "
+                "comes, once per epoch"]
+
+    def validation_rows(self, val):
+        """The first ``val_rows`` validation rows: each needs ``fit_steps`` decoder passes of its own."""
+        return val.head(min(self.config.val_rows, len(val))) if self.config.val_rows else val
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``model``: the decoder (and a learned likelihood scale); ``local``: the per-row parameters. A frozen
