@@ -11,6 +11,9 @@ travel through the CLI (``--schedule beta=linear:0:1:10``), config.json and metr
                                     linearly from 0 to v_max over the first ``ratio`` of the cycle, then stays at v_max.
 * ``step:v0:factor:every``          v0 * factor ** floor(t / every): a learning rate decayed by ``factor`` every
                                     ``every`` epochs (``lr=step:0.002:0.9:10``, VaDE's schedule).
+* ``geometric:v0:factor:first:growth``  stage i = 0, 1, ... lasts ``first * growth**i`` epochs at v0 * factor**i: the
+                                    IWAE paper's learning rate (Burda et al. 2016, s. 5: 3^i epochs at 1e-3 *
+                                    10^(-i/7), i = 0..7, 3,280 epochs) is ``lr=geometric:0.001:0.7196857:1:3``.
 
 A model reads the values it knows from ``ctx.value(name, default)``: ``beta``, ``free_bits`` (Kingma et al. 2016),
 ``capacity``, or any name a model documents. The trainer reads ``lr`` (the learning rate, every step). Values named
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 
 from elbolab.errors import ElbolabError
 
-_KINDS = {"constant": (1, 1), "linear": (3, 4), "cyclical": (3, 3), "step": (3, 3)}  # kind -> (min, max) arguments
-_FORMS = "constant:v, linear:v0:v1:epochs[:start], cyclical:v_max:period:ratio or step:v0:factor:every"
+_KINDS = {"constant": (1, 1), "linear": (3, 4), "cyclical": (3, 3), "step": (3, 3), "geometric": (4, 4)}  # kind -> (min, max) arguments
+_FORMS = ("constant:v, linear:v0:v1:epochs[:start], cyclical:v_max:period:ratio, step:v0:factor:every or "
+          "geometric:v0:factor:first:growth")
 NON_NEGATIVE = ("beta", "free_bits", "capacity", "gamma", "lr")
 
 
@@ -64,7 +68,11 @@ class Schedule:
             raise ElbolabError(f"schedule {name}: expected a period > 0 and a ratio in (0, 1] in {spec!r}")
         if kind == "step" and not (args[1] > 0 and args[2] > 0):
             raise ElbolabError(f"schedule {name}: expected a factor > 0 and every > 0 epochs in {spec!r}")
-        values = {"constant": args[:1], "linear": args[:2], "cyclical": args[:1], "step": args[:1]}[kind]
+        if kind == "geometric" and not (args[1] > 0 and args[2] > 0 and args[3] >= 1):
+            raise ElbolabError(f"schedule {name}: expected a factor > 0, a first stage > 0 epochs and a growth >= 1 "
+                               f"in {spec!r}")
+        values = {"constant": args[:1], "linear": args[:2], "cyclical": args[:1], "step": args[:1],
+                  "geometric": args[:1]}[kind]
         if name in NON_NEGATIVE and (min(values) < 0 or (name == "lr" and min(values) <= 0)):
             raise ElbolabError(f"schedule {name}: expected {'positive' if name == 'lr' else 'non-negative'} values, "
                                f"got {spec!r}")
@@ -82,6 +90,13 @@ class Schedule:
         if self.kind == "step":
             v0, factor, every = self.args
             return v0 * factor ** math.floor(t / every)
+        if self.kind == "geometric":  # stage i lasts first * growth^i epochs at v0 * factor^i
+            v0, factor, first, growth = self.args
+            stage, end = 0, first
+            while t >= end:
+                stage += 1
+                end += first * growth ** stage
+            return v0 * factor ** stage
         v_max, period, ratio = self.args
         phase = (t % period) / period  # position within the current cycle, [0, 1)
         return v_max * min(1.0, phase / ratio)

@@ -156,3 +156,16 @@ def test_training_improves_the_elbo_on_digits(tmp_path):
     val = [r["elbo"] for r in records if r["split"] == "val"]
     assert val[-1] > val[0] + 2.0  # nats: learning happened
     assert all(abs(r["elbo"] - (r["recon"] - r["kl"])) < 1e-3 for r in records)
+
+
+def test_the_geometric_schedule_is_the_iwae_papers_learning_rate():
+    from elbolab.schedules import Schedule
+
+    lr = Schedule.parse("geometric:0.001:0.7196857:1:3", "lr")
+    ends = [1, 4, 13, 40, 121, 364, 1093, 3280]  # stage i lasts 3^i epochs: sum_{j<=i} 3^j
+    for i, end in enumerate(ends):
+        expected = 1e-3 * 10 ** (-i / 7)
+        assert lr(end - 1e-9) == pytest.approx(expected, rel=1e-6)
+        assert lr(end) == pytest.approx(1e-3 * 10 ** (-(i + 1) / 7), rel=1e-6)
+    with pytest.raises(ElbolabError, match="growth >= 1"):
+        Schedule.parse("geometric:0.001:0.7:1:0.5", "lr")
