@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from elbolab.errors import ElbolabError
 
-_KINDS = {"constant": (1, 1), "linear": (3, 4), "cyclical": (3, 3), "step": (3, 3), "geometric": (4, 4)}  # kind -> (min, max) arguments
+# kind -> (min, max) arguments
+_KINDS = {"constant": (1, 1), "linear": (3, 4), "cyclical": (3, 3), "step": (3, 3), "geometric": (4, 4)}
 _FORMS = ("constant:v, linear:v0:v1:epochs[:start], cyclical:v_max:period:ratio, step:v0:factor:every or "
           "geometric:v0:factor:first:growth")
 NON_NEGATIVE = ("beta", "free_bits", "capacity", "gamma", "lr")

@@ -8,9 +8,9 @@ The encoder is set by hand: its body computes [relu(x), relu(-x)], so its heads 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
