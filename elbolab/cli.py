@@ -65,8 +65,8 @@ def _parse_assignments(pairs: list[str], flag: str) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         key, value = key.strip().replace("-", "_"), value.strip()
-        if not sep or not key:
-            raise ElbolabError(f"expected {flag} KEY=VALUE, got {pair!r}")
+        if not sep or not key or not value:
+            raise ElbolabError(f"expected {flag} KEY=VALUE with a value, got {pair!r}")
         if key in out and out[key] != value:
             raise ElbolabError(f"{flag} {key} given twice ({out[key]!r} and {value!r}); give it once")
         out[key] = value

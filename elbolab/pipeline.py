@@ -306,20 +306,17 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ElbolabError(f"expected --limit N >= 1 examples, got {limit!r}")
         data = data.head(min(limit, len(data)))
+    _check_writable(Path(run_dir))
+    if compare is not None:  # refused before any evaluation when the two runs do not score the same examples
+        other, other_config = load_run(compare)
+        other.to(target)
+        _check_comparable(config, other_config, compare, split, data, data_dir, seed)
+    _announce_cost(model, data, k, progress)
     evaluated_at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
     result, estimate = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
                                       return_estimate=True, precision=precision, compile=compile)
     mine = estimate.per_example
     if compare is not None:
-        other, other_config = load_run(compare)
-        other.to(target)
-        keys = ("source", "binarize", "seed", "val_size")
-        if any(other_config["data"].get(key) != config["data"].get(key) for key in keys):
-            raise ElbolabError(
-                f"--compare: {compare} was trained on other data "
-                f"({ {key: other_config['data'].get(key) for key in keys} } vs "
-                f"{ {key: config['data'].get(key) for key in keys} }); a paired comparison needs the same examples"
-            )
         _, theirs = evaluate_model(other, data, k=k, seed=seed, progress=progress, return_per_example=True,
                                    precision=precision, compile=compile)
         result["compare"] = {"other_run": str(compare), **paired_difference(mine, theirs)}
@@ -345,6 +342,79 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     if refresh_report:
         report(run_dir)
     return {**result, "saved_to": str(saved)}
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Refuse before a long evaluation whose result could not be saved (a probe file, not os.access: root passes
+    that on a read-only mount)."""
+    import os
+    import tempfile
+
+    folder = run_dir / runs.EVALUATIONS
+    target = folder if folder.is_dir() else run_dir
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ElbolabError(f"eval: cannot write into {target} ({error.strerror or error}); the evaluation would be "
+                           "lost. Make it writable, or copy the run folder somewhere writable") from None
+
+
+def _check_comparable(config: dict, other_config: dict, other_run, split: str, data, data_dir, seed: int) -> None:
+    """A paired difference needs the same examples, binarised the same way, scored by the same kind of likelihood:
+    checked on the examples themselves (two MNIST runs with other seeds share the t10k test set), not on settings."""
+    mine = (config.get("model_config") or {}).get("likelihood")
+    theirs = (other_config.get("model_config") or {}).get("likelihood")
+    if LIKELIHOODS.get(mine) is None or LIKELIHOODS.get(theirs) is None or \
+            LIKELIHOODS[mine].support != LIKELIHOODS[theirs].support:
+        raise ElbolabError(f"--compare: this run's likelihood is {mine!r} and {other_run}'s is {theirs!r}; a "
+                           "difference of log-likelihoods is meaningful only for likelihoods on the same support "
+                           "(a Bernoulli score against a Gaussian density is not)")
+    try:
+        other_data = getattr(load_run_data(other_config["data"], data_dir), split).head(len(data))
+    except ElbolabError as error:
+        raise ElbolabError(f"--compare: the data of {other_run} could not be loaded ({error})") from None
+    rows = torch.arange(len(data))
+    same = len(other_data) == len(data) and torch.equal(
+        data.batch(rows, torch.Generator().manual_seed(seed)).x,
+        other_data.batch(rows, torch.Generator().manual_seed(seed)).x)
+    if not same:
+        raise ElbolabError(f"--compare: {other_run} has other {split} examples than this run (another data source, "
+                           "split seed or binarisation); a paired comparison needs the same examples")
+
+
+def _announce_cost(model, data, k: int, progress: bool) -> None:
+    """Time a small block of importance samples, say how long log p(x) will take when it is more than a few
+    seconds, and refuse what cannot finish within a week."""
+    import time as clock
+
+    from elbolab.estimators import model_tensor
+
+    n = min(8, len(data))
+    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(0)).to(model_tensor(model))
+    k_probe = min(k, 64)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            started = clock.perf_counter()
+            model.importance_samples(batch, k_probe)
+            seconds = (clock.perf_counter() - started) * (len(data) / n) * (k / k_probe)
+    except (NotImplementedError, ElbolabError):
+        return  # the estimator itself says why it cannot run
+    if seconds > 7 * 24 * 3600:
+        raise ElbolabError(f"--iw-samples {k:,} on {len(data):,} examples would take about {seconds / 86400:,.0f} "
+                           "days on this machine; use a smaller --iw-samples (5000 is the papers' choice) or --limit")
+    if seconds > 10 and progress:
+        print(f"log p(x): {len(data):,} examples x K = {k:,} importance samples, about {_duration(seconds)} here",
+              flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _sandwich(model, data, *, ais_steps: int, ais_chains: int, ais_leapfrog: int, ais_examples: int,

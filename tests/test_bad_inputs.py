@@ -571,3 +571,50 @@ def test_ctrl_c_during_the_final_report_says_the_run_is_complete(tmp_path, monke
     except KeyboardInterrupt:
         pytest.fail("the KeyboardInterrupt escaped pipeline.train")
     assert (tmp_path / "r" / runs.CHECKPOINT).is_file()
+
+
+# ---------------------------------------------------------------- the evaluation's own edges (issue 25: 7, 8, 10, 11)
+@pytest.fixture(scope="module")
+def two_digit_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    quiet = dict(epochs=1, hidden=(16,), latent_dim=2, progress=False, tensorboard=False, figures=False)
+    return {name: pipeline.train("vae", "digits", out=folder / name, **{**quiet, **options})
+            for name, options in (("a", {}), ("seed", {"seed": 1}), ("gauss", {"likelihood": "gaussian"}))}
+
+
+def test_compare_is_refused_before_any_evaluation_by_what_defines_the_examples(two_digit_runs):
+    runs_ = two_digit_runs
+    for other, expected in (("seed", "other test examples"), ("gauss", "same support")):
+        with pytest.raises(ElbolabError, match=expected):
+            pipeline.evaluate(runs_["a"], k=5, compare=runs_[other], refresh_report=False)
+    assert not (runs_["a"] / "evaluations").exists()  # refused before the first run was evaluated
+
+
+def test_an_impossible_number_of_importance_samples_is_refused_up_front(two_digit_runs):
+    with pytest.raises(ElbolabError, match="days on this machine"):
+        pipeline.evaluate(two_digit_runs["a"], k=10**12, refresh_report=False)
+
+
+def test_an_unwritable_run_folder_is_refused_before_evaluating(two_digit_runs, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ElbolabError, match="Read-only file system.*would be lost"):
+        pipeline.evaluate(two_digit_runs["a"], k=5, refresh_report=False)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--schedule", "beta="], "with a value"),
+    (["--set", "condition=label", "--set", "given_quadrants=7"], "given_quadrants in 1, 2, 3"),
+])
+def test_empty_specs_and_options_the_other_options_ignore_are_refused(tmp_path, capsys, args, expected):
+    from elbolab.cli import main
+
+    model = "cvae" if "condition=label" in args else "vae"
+    code = main(["train", model, "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err

@@ -61,9 +61,9 @@ class CVAEConfig(ModelConfig):
         if self.condition == "label" and self.n_classes < 2:
             raise ElbolabError(f"cvae: condition=label expected n_classes >= 2 (from the data's labels), got "
                                f"{self.n_classes}; train on labelled data or use --set condition=quadrants")
+        if not 1 <= self.given_quadrants <= 3:  # checked whatever the condition: a wrong value is never silent
+            raise ElbolabError(f"cvae: expected given_quadrants in 1, 2, 3, got {self.given_quadrants}")
         if self.condition == "quadrants":
-            if not 1 <= self.given_quadrants <= 3:
-                raise ElbolabError(f"cvae: expected given_quadrants in 1, 2, 3, got {self.given_quadrants}")
             if self.image_shape is None or min(self.image_shape[1:]) < 2:
                 raise ElbolabError(f"cvae: condition=quadrants expected images of at least 2x2 pixels, got "
                                    f"image_shape {self.image_shape}; use image data or --set condition=label")
