@@ -402,12 +402,15 @@ def traverse_command(
     data_dir: Path = typer.Option(None, "--data-dir"),
 ):
     """Latent traversals around one image: a grid (one row per dimension) and an animated GIF."""
+    from elbolab import pipeline
     from elbolab.pipeline import traverse_run
 
     chosen = None if dims is None else _parse_dims(dims)
     for path in traverse_run(run_dir, dims=chosen, steps=steps, span=span, index=index, split=split, out_dir=out,
                              data_dir=data_dir):
         typer.echo(str(path))
+    if out is None:  # written into the run folder: its report shows them
+        typer.echo(f"report refreshed: {pipeline.report(run_dir).resolve()}")
 
 
 @app.command("holes")
@@ -430,6 +433,26 @@ def holes_command(
                f"{split} examples, {result['plane']})")
     for path in result["figures"]:
         typer.echo(path)
+    from elbolab import pipeline
+
+    typer.echo(f"report refreshed: {pipeline.report(run_dir).resolve()}")
+
+
+@app.command("encode")
+def encode_command(
+    run_dir: Path = typer.Argument(..., help="a run folder written by 'elbolab train'"),
+    out: Path = typer.Option(..., "--out", help="codes.npy (an array file with z and, when the data have them, "
+                                                "labels y: codes.npz), or codes.csv (z1..zd, then y)"),
+    split: str = typer.Option("test", help="test | train | val"),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+):
+    """The latent means E[z|x] of a split (and its labels): sklearn's transform, for use elsewhere. Never writes
+    into the run folder."""
+    from elbolab import pipeline
+
+    path, shape = pipeline.encode(run_dir, out, split=split, data_dir=data_dir, overwrite=overwrite)
+    typer.echo(f"{shape[0]:,} codes of {shape[1]} dimensions written to {path}")
 
 
 @app.command("topics")

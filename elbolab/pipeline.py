@@ -495,6 +495,44 @@ def traverse_run(run_dir, *, dims: Sequence[int] | None = None, steps: int = 9, 
     return traverse(model, Batch(batch.x), out_dir, dims, steps, span)
 
 
+def encode(run_dir, out, *, split: str = "test", data_dir=None, overwrite: bool = False) -> tuple[Path, tuple]:
+    """Write the latent means E[z|x] (the model's ``latent_means``, its first group) of a split, with its labels
+    when it has them, to ``out``: .npy (codes only), .npz (``z`` and ``y``) or .csv (z1..zd, y). Returns (path, shape).
+    The run folder is never written."""
+    import numpy as np
+
+    from elbolab.outputs import check_output_file
+
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".npy", ".npz", ".csv"):
+        raise ElbolabError(f"encode: expected --out ending in .npy, .npz or .csv, got {out}")
+    if split not in ("train", "val", "test"):
+        raise ElbolabError(f"encode: expected --split train, val or test, got {split!r}")
+    out = check_output_file(out, suffix, overwrite=overwrite)
+    model, config = load_run(run_dir)
+    data = getattr(load_run_data(config["data"], data_dir), split)
+    param = next(model.parameters())
+    codes, labels = [], []
+    with torch.no_grad():
+        for rows in torch.arange(len(data)).split(1000):
+            batch = data.batch(rows, torch.Generator().manual_seed(0))
+            codes.append(next(iter(model.latent_means(batch.to(param)).values())).float().cpu())
+            if batch.y is not None:
+                labels.append(batch.y.cpu())
+    z = torch.cat(codes).numpy()  # [N, d]
+    y = torch.cat(labels).numpy() if labels else None
+    if suffix == ".npy":
+        np.save(out, z)
+    elif suffix == ".npz":
+        np.savez(out, **({"z": z, "y": y} if y is not None else {"z": z}))
+    else:
+        columns = [f"z{j + 1}" for j in range(z.shape[1])]
+        table = z if y is None or y.ndim != 1 else np.column_stack([z, y])
+        np.savetxt(out, table, delimiter=",", header=",".join(columns + (["y"] if table is not z else [])),
+                   comments="", fmt="%.7g")
+    return Path(out), z.shape
+
+
 def report(run_dir) -> Path:
     """Rebuild RUN/index.html from what the run folder holds (figures are drawn by ``make_figures``)."""
     from elbolab.report import write_report

@@ -123,8 +123,8 @@ class RunFolder:
                                       "incomplete run is replaced)")
         elif has_checkpoint and not overwrite:
             raise CheckpointError(
-                f"{self.path} already holds a run; add --resume to continue it, --overwrite to start it again, or "
-                "choose another --out (nothing was overwritten)"
+                f"{self.path} already holds a run; add --resume (resume=True in Python) to continue it, --overwrite "
+                "(overwrite=True) to start it again, or choose another --out (nothing was overwritten)"
             )
         elif not has_config:  # a config.json that elbolab did not write counts as the user's file too
             foreign = [name for name in (runs.CONFIG, *RUN_FILES) if (self.path / name).exists()]
@@ -146,12 +146,18 @@ class RunFolder:
                 {"time_utc": now_utc(), "command": sys.argv, "from_epoch": resume_from["epoch"],
                  "from_step": resume_from["step"], "to_epochs": config["train_config"]["epochs"]})
         else:
+            removed = []
             for name in RUN_FILES + (runs.CHECKPOINT, runs.CONFIG):  # our own files only
                 target = self.path / name
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+                else:
+                    continue
+                removed.append(name)
+            if removed and config["train_config"].get("progress") is not False:
+                print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.path}", flush=True)
             manifest = collect_manifest(seed, extra=None)
             manifest["command"] = sys.argv
         runs.write_json(self.path / runs.CONFIG, config)

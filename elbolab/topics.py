@@ -45,12 +45,26 @@ def load_topic_model(run_dir):
     return model, list(vocabulary)
 
 
+def lemma_in(word: str, vocabulary) -> str:
+    """``word`` if the vocabulary has it, else the one vocabulary word it is a plain inflection of (a lemmatised
+    vocabulary such as 20 Newsgroups' holds "weapon", not "weapons"): -s, -es, -ies -> -y, lower case. Unchanged
+    when there is no such word, or more than one."""
+    if word in vocabulary:
+        return word
+    lower = word.lower()
+    candidates = {c for c in (lower, lower[:-1] if lower.endswith("s") else None,
+                              lower[:-2] if lower.endswith("es") else None,
+                              lower[:-3] + "y" if lower.endswith("ies") else None) if c and c in vocabulary}
+    return candidates.pop() if len(candidates) == 1 else word
+
+
 def nearest_words(model, vocabulary, word: str, n: int = 5) -> list[tuple[str, float]]:
     """The ``n`` words whose vectors have the largest cosine similarity with ``word``'s, with the similarities.
     An unknown word raises ElbolabError listing close matches."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ElbolabError(f"expected -n as a positive integer, got {n!r}")
     index = {w: i for i, w in enumerate(vocabulary)}
+    word = lemma_in(word, index)
     if word not in index:
         close = difflib.get_close_matches(word, vocabulary, n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
@@ -80,4 +94,6 @@ def neighbours(run_dir, words, n: int = 5) -> str:
     if not words:
         raise ElbolabError("expected at least one word, e.g. 'elbolab neighbours RUN weapon medical'")
     results = [nearest_words(model, vocabulary, w, n) for w in words]
-    return "\n".join(format_neighbours(w, rows) for w, rows in zip(words, results))
+    index = set(vocabulary)
+    shown = [w if lemma_in(w, index) == w else f"{w} (as {lemma_in(w, index)!r})" for w in words]
+    return "\n".join(format_neighbours(w, rows) for w, rows in zip(shown, results))

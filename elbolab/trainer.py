@@ -258,7 +258,8 @@ class Trainer:
         val = next((r for r in records if r["split"] == "val"), None)
         if not self.config.keep_best or val is None:
             return
-        score = val["elbo"] if "elbo" in val else -val["loss"]
+        key = self.model.selection_metric  # the bound the model trains (the IWAE's), else the ELBO
+        score = val[key] if key in val else (val["elbo"] if "elbo" in val else -val["loss"])
         if self.best is None or score > self.best[0]:
             self.best = (score, self.epoch)
             runs.save_tensors(self.run_dir / runs.BEST_WEIGHTS, self.model.state_dict(), self._weights_metadata())

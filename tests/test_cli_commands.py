@@ -143,3 +143,39 @@ def test_eval_compile_says_whether_the_compiled_code_ran(vae_run, capsys, compil
     assert f"compiled: no, torch.compile failed (RuntimeError: {compile_fails}); evaluated eagerly" in out
     saved = json.loads((vae_run / "eval.json").read_text())
     assert saved["compiled"] is False and compile_fails in saved["compile_fallback"]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".csv"])
+def test_encode_writes_the_latent_means_and_labels_and_never_touches_the_run(vae_run, capsys, tmp_path, suffix):
+    from elbolab import loading
+
+    before = sorted(p.name for p in vae_run.rglob("*"))
+    target = tmp_path / f"codes{suffix}"
+    code, out, err = run(capsys, "encode", vae_run, "--out", target)
+    assert code == 0 and "codes of 3 dimensions" in out, err
+    model, config = loading.load_run(vae_run)
+    test = loading.load_run_data(config["data"]).test
+    batch = test.batch(torch.arange(len(test)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.latent_means(batch)["z"].numpy()
+    if suffix == ".npy":
+        z, y = np.load(target), None
+    elif suffix == ".npz":
+        z, y = np.load(target)["z"], np.load(target)["y"]
+    else:
+        table = np.loadtxt(target, delimiter=",", skiprows=1)
+        z, y = table[:, :3], table[:, 3]
+        assert target.read_text().splitlines()[0] == "z1,z2,z3,y"
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
+    if y is not None:
+        np.testing.assert_array_equal(y, batch.y.numpy())
+    assert sorted(p.name for p in vae_run.rglob("*")) == before
+    code, _, err = run(capsys, "encode", vae_run, "--out", target)  # never replaced without --overwrite
+    assert code == 2 and "already exists" in err
+
+
+def test_traverse_and_holes_into_the_run_folder_refresh_its_report(vae_run, capsys):
+    (vae_run / "index.html").unlink()
+    code, out, err = run(capsys, "traverse", vae_run, "--dims", "0", "--steps", "3")
+    assert code == 0 and "report refreshed" in out and (vae_run / "index.html").is_file(), err
+    assert "traversals" in (vae_run / "index.html").read_text().lower()

@@ -125,3 +125,23 @@ def test_damaged_weights_give_a_checkpoint_error(tmp_path):
     (run / runs.CONFIG).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         loading.load_run(run)
+
+
+def test_a_wrong_shaped_input_to_encode_is_one_clear_error():
+    import torch
+
+    from elbolab.errors import ElbolabError
+    from elbolab.models import ModelConfig, build_model
+
+    model = build_model("vae", ModelConfig(input_dim=64, latent_dim=2, hidden=(8,)))
+    with pytest.raises(ElbolabError, match=r"expected inputs of shape \[B, 64\].*got \[3, 8, 8\]"):
+        model.encode(torch.rand(3, 8, 8))
+    assert model.encode(torch.rand(3, 64)).batch_shape == (3,)
+
+
+def test_keep_best_follows_the_bound_the_model_trains():
+    from elbolab.models import get_model_class
+
+    assert get_model_class("iwae").selection_metric == "iwae_bound"
+    assert get_model_class("hiwae").selection_metric == "iwae_bound"
+    assert get_model_class("vae").selection_metric == "elbo"

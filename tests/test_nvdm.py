@@ -163,3 +163,13 @@ def test_topics_and_neighbours_text_of_a_run(trained):
     assert text[0].startswith("word0: ") and text[0].count("(") == 3 and text[1].startswith("word7: ")
     with pytest.raises(ElbolabError, match="unknown word 'wordd1'.*close matches: word1"):
         topics.neighbours(trained, ["word0", "wordd1"])
+
+
+def test_a_plural_or_capitalised_word_finds_its_lemma_when_that_is_unambiguous(trained):
+    assert topics.lemma_in("weapons", {"weapon", "medical"}) == "weapon"
+    assert topics.lemma_in("Companies", {"company"}) == "company"
+    assert topics.lemma_in("boxes", {"box", "boxe"}) == "boxes"  # two candidates: not guessed
+    assert topics.lemma_in("israel", {"israel"}) == "israel"
+    text = topics.neighbours(trained, ["Word0s"], n=2)
+    assert text.startswith("Word0s (as 'word0'): ")
+    assert topics.neighbours(trained, ["word0"], n=2).split(": ", 1)[1] == text.split(": ", 1)[1]

@@ -141,6 +141,8 @@ class LatentVariableModel(nn.Module):
     encode_is_q = True
     # False for a model with no q(z|x) (the autoencoder): no importance weights, log p(x) or prior holes
     has_posterior = True
+    # the validation metric --keep-best maximises: the bound the model trains (iwae_bound for the IWAE family)
+    selection_metric = "elbo"
     scheduled_values: tuple[str, ...] = ()  # the StepContext values loss() reads; the trainer refuses any other
     reads_mc_samples = False  # whether loss() uses ctx.mc_samples (L); the trainer refuses L > 1 otherwise
 
@@ -174,7 +176,16 @@ class LatentVariableModel(nn.Module):
 
     def encode(self, batch: Batch | torch.Tensor):
         """q(z|x) for a batch; batch shape [B], event shape [d]."""
-        return self.encoder(as_batch(batch).x)
+        return self.encoder(self.check_input(as_batch(batch)).x)
+
+    def check_input(self, batch: Batch) -> Batch:
+        """The batch, if its rows have this model's input_dim features; else one clear error."""
+        x = batch.x
+        if x.dim() != 2 or x.shape[-1] != self.config.input_dim:
+            raise ElbolabError(f"{type(self).__name__}: expected inputs of shape [B, {self.config.input_dim}] (rows "
+                               f"of {self.config.input_dim} features, as trained), got {list(x.shape)}; flatten "
+                               "images to rows (x.reshape(len(x), -1))")
+        return batch
 
     def decode(self, z: torch.Tensor, batch: Batch | None = None):
         """p(x|z) for latents ``[..., d]``; batch shape [...], event shape [D]."""

@@ -42,6 +42,7 @@ class HierarchicalIWAE(HierarchicalVAE):
     """hvae's hierarchy trained on the importance-weighted bound L_k (the IWAE paper's two-layer IWAE)."""
 
     config_class = HierarchicalIWAEConfig
+    selection_metric = "iwae_bound"  # --keep-best keeps the best of the bound it trains
     scheduled_values = ()  # L_k has no KL term to weight
     reads_mc_samples = False  # k importance samples replace the L Monte-Carlo samples (--set k=...)
 

@@ -47,6 +47,7 @@ class IWAE(VAE):
     """VAE trained on the importance-weighted bound L_k (plain or DReG gradients)."""
 
     config_class = IWAEConfig
+    selection_metric = "iwae_bound"  # --keep-best keeps the best of the bound it trains
     scheduled_values = ()  # L_k has no KL term to weight
     reads_mc_samples = False  # k importance samples replace the L Monte-Carlo samples (--set k=...)
 
