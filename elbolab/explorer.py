@@ -87,6 +87,9 @@ def decoder_spec(model, max_parameters: int | None = None) -> dict:
     if type(model).decode_mean is not LatentVariableModel.decode_mean:
         raise ExplorerUnavailable(f"the {type(model).__name__} model computes E[x|z] its own way")
     if getattr(config, "architecture", "mlp") != "mlp" or not isinstance(model.decoder, nn.Sequential):
+        if config.image_shape is None:
+            raise ExplorerUnavailable("the data are not images (e.g. a bag of words), so there is no picture for "
+                                      "the decoder to draw")
         raise ExplorerUnavailable("the decoder is not an MLP (e.g. --arch conv); the page only runs MLP decoders")
     if config.image_shape is None:
         raise ExplorerUnavailable("the data are not images; there is no picture to decode into")

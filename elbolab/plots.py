@@ -296,7 +296,7 @@ def latent_grid(n: int, latent_dim: int = 2, dims: tuple[int, int] = (0, 1),
 
 def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], image_shape, path, *,
                          n: int = 20, latent_dim: int = 2, dims: tuple[int, int] = (0, 1),
-                         quantile_range: tuple[float, float] = (0.05, 0.95)) -> Path:
+                         quantile_range: tuple[float, float] = (0.05, 0.95), note: str | None = None) -> Path:
     """Decoder means over a grid of normal quantiles (one call with all n*n points), tiled as images.
 
     ``image_shape`` is (H, W) or (C, H, W) as in :func:`plot_image_grid`."""
@@ -312,8 +312,8 @@ def plot_latent_manifold(decode_mean: Callable[[torch.Tensor], torch.Tensor], im
         )
     rows = [imgs[r * n : (r + 1) * n] for r in range(n)]
     d0, d1 = dims
-    fig, ax = mosaic_figure(tile(rows, n), f"Decoder mean over the latent grid (z{d0}, z{d1})",
-                             0.4, n, n)
+    title = f"Decoder mean over the latent grid (z{d0}, z{d1})" + (f"\n{note}" if note else "")
+    fig, ax = mosaic_figure(tile(rows, n), title, 0.4, n, n)
     q = z[:n, d0].numpy()  # the column values, ascending
     step = max(1, math.ceil(n / 7))  # about 7 tick labels per axis stays legible
     idx = list(range(0, n, step))
@@ -479,7 +479,7 @@ def kl_anatomy_figure(anatomy: dict):
     parts = [("I(x; z): index-code mutual information", anatomy["mutual_information"], "#4c72b0"),
              ("TC: total correlation of q(z)", anatomy["total_correlation"], "#dd8452"),
              ("dimension-wise KL(q(z_j) || p(z_j))", anatomy["dimension_wise_kl"], "#55a868")]
-    fig, ax = plt.subplots(figsize=(8.0, 1.9), dpi=_DPI)
+    fig, ax = plt.subplots(figsize=(8.0, 1.6), dpi=_DPI)
     left = 0.0
     for label, value, colour in parts:
         width = max(float(value), 0.0)
@@ -488,8 +488,8 @@ def kl_anatomy_figure(anatomy: dict):
     ax.set_yticks([])
     ax.set_xlabel("nats per example")
     ax.set_title(f"Where the KL goes: {anatomy['average_kl']:.2f} nats on average", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=1, fontsize=8, frameon=False)
     fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.7), ncol=1, fontsize=9, frameon=False)  # below the label
     return fig
 
 

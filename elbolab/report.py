@@ -73,6 +73,16 @@ code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-si
 .figures { display:grid; grid-template-columns:repeat(auto-fill,minmax(min(440px,100%),1fr)); gap:18px;
   align-items:start; }
 .table-wrap { max-width:100%; overflow-x:auto; }
+@media (max-width:600px) {
+  /* a phone: each row of an evaluation table becomes a small card (quantity, value, then its meaning), and the
+     other tables keep their columns and scroll sideways inside their box */
+  table.eval, table.eval tbody, table.eval tr, table.eval td { display:block; width:auto; }
+  table.eval thead, table.eval colgroup { display:none; }
+  table.eval tr { padding:6px 0; border-bottom:1px solid var(--line); }
+  table.eval td { border:0; padding:1px 10px; }
+  table.eval td.num { text-align:left; white-space:normal; font-weight:600; }
+  table { min-width:0; }
+}
 figure.wide { grid-column:1 / -1; }
 figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; cursor:zoom-in; }
@@ -661,6 +671,7 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
         if evaluation.active_units is not None and evaluation.latent_dim is not None:
             cards.append(_card("Active units", f"{evaluation.active_units} of {evaluation.latent_dim}",
                                "Cov_x E[z|x] > 0.01", warn=evaluation.active_units == 0))
+        cards += _model_metric_cards(evaluation)
     cards += [_card(k, v) for k, v in training_facts.items()]
     if isinstance(manifest, dict):
         seconds = _training_seconds(manifest)
@@ -683,6 +694,21 @@ def _summary_cards(run_dir: Path, config, manifest, headline, callout, training_
         for warning in warnings:
             page += f'<div class="callout"><strong>Training:</strong> {_e(str(warning))}</div>'
     return page
+
+
+def _model_metric_cards(evaluation: Evaluation) -> list[str]:
+    """The model's own headline numbers from the evaluation: clustering (vade) and perplexity (nvdm)."""
+    metrics, split, cards = evaluation.model_metrics or {}, evaluation.split, []
+    if _finite(metrics.get("accuracy")):
+        sub = ", ".join(f"{name} {metrics[key]:.3f}" for name, key in (("NMI", "nmi"), ("ARI", "ari"))
+                        if _finite(metrics.get(key)))
+        cards.append(_card(f"{split} clustering accuracy", f"{100 * metrics['accuracy']:.1f}%",
+                           sub + "; clusters matched to classes (Hungarian)"))
+    if _finite(metrics.get("perplexity_is")):
+        sub = (f"exp(-mean log p(d) / words), importance sampled; from the ELBO {metrics['perplexity_elbo']:.0f}"
+               if _finite(metrics.get("perplexity_elbo")) else "importance sampled")
+        cards.append(_card(f"{split} perplexity", f"{metrics['perplexity_is']:.0f}", sub))
+    return cards
 
 
 def _explorer_section(run_dir: Path) -> str | None:

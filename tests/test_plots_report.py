@@ -638,3 +638,26 @@ def test_shortest_curve_report(tmp_path):
     summary = json.loads((out / "result.json").read_text())
     page = (out / "index.html").read_text(encoding="utf-8")
     assert f"{summary['euler_lagrange_residual']:.2e}" in page and page.count("data:image/png;base64,") == 2
+
+
+def test_the_summary_shows_the_models_own_headline_numbers():
+    from elbolab.records import Evaluation
+    from elbolab.report import _model_metric_cards
+
+    cards = "".join(_model_metric_cards(Evaluation.from_dict(
+        {"model_metrics": {"accuracy": 0.9628, "nmi": 0.909, "ari": 0.919, "perplexity_is": 798.2,
+                           "perplexity_elbo": 840.0}})))
+    assert "96.3%" in cards and "NMI 0.909" in cards and "798" in cards and "from the ELBO 840" in cards
+    assert _model_metric_cards(Evaluation.from_dict({"model_metrics": {}})) == []
+
+
+def test_the_manifold_of_a_many_dimensional_latent_sweeps_its_two_most_informative_dimensions():
+    import torch
+
+    from elbolab.figures.standard import most_informative_pair
+    from elbolab.models import ModelConfig, build_model
+
+    model = build_model("vae", ModelConfig(input_dim=6, latent_dim=5, hidden=(8,)))
+    kl = torch.tensor([0.1, 3.0, 0.0, 0.2, 2.0])
+    model.kl_terms = lambda batch: {"z": kl.expand(4, 5)}
+    assert most_informative_pair(model, torch.rand(4, 6)) == (1, 4)

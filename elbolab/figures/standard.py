@@ -28,7 +28,10 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
                                                 fig_dir / "reconstructions.png"))
         if model.config.latent_dim >= 2:
             paths.append(plots.plot_latent_manifold(model.decode_mean, shape, fig_dir / "manifold.png",
-                                                    latent_dim=model.config.latent_dim))
+                                                    latent_dim=model.config.latent_dim,
+                                                    dims=most_informative_pair(model, batch),
+                                                    note="the two dimensions of highest KL; the others at 0"
+                                                    if model.config.latent_dim > 2 else None))
     metrics_path = run_dir / runs.METRICS
     if metrics_path.exists():
         records, _ = runs.read_metrics(metrics_path)
@@ -36,3 +39,16 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
     means = next(iter(model.latent_means(batch).values()))
     paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
     return paths
+
+
+def most_informative_pair(model, batch) -> tuple[int, int]:
+    """The two latent dimensions with the largest mean KL(q(z_j|x) || p(z_j)) on ``batch``, lowest index first (the
+    others are held at 0 in the manifold, so sweeping two inactive ones would draw one image many times); (0, 1)
+    when the model has no per-dimension KL."""
+    terms = model.kl_terms(batch[:500]) if model.config.latent_dim > 2 else None
+    if not terms:
+        return (0, 1)
+    kl = next(iter(terms.values())).mean(0)  # [d] of the first latent group
+    top = sorted(int(j) for j in kl.argsort(descending=True)[:2])
+    return (top[0], top[1])
+
