@@ -12,12 +12,21 @@ contenders and the table shows the median time. A warm-up on 2 images precedes e
 GFLOP/s counts the same minimal work for both: per image, the encoder once, 2*(784*400 + 400*2*20) FLOPs, and
 per importance sample the decoder, 2*(20*400 + 400*784) FLOPs; elementwise log-density work is ignored.
 
+The test images are the data's grey levels (elbolab stores MNIST as uint8; ``TensorData.rows`` gives floats in
+[0, 1]) binarised with torch.bernoulli.
+
+--smoke: a few seconds on scikit-learn's embedded digits (8x8, no data files): a 64-32-4 VAE trained one epoch,
+the first 16 test images, K=64, one round of the elbolab worker only, run in the main process (no subprocess);
+for tests/test_fast_path.py, not for numbers.
+
 Run:  ELBOLAB_DATA=/work/shared/data /work/bench-venv/bin/python benchmarks/bench_iw_eval.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -32,16 +41,30 @@ import numpy as np
 import torch
 
 HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784
-ENCODER_FLOPS = 2 * (INPUT_DIM * HIDDEN[0] + HIDDEN[0] * 2 * LATENT)  # per image
-DECODER_FLOPS = 2 * (LATENT * HIDDEN[0] + HIDDEN[0] * INPUT_DIM)  # per importance sample
+SMOKE_SIZES = {"input_dim": 64, "image_shape": (8, 8), "hidden": (32,), "latent": 4}  # --smoke: digits
 
 
-def build_elbolab_model():
+def sizes(args) -> dict:
+    """The network: 784-400-20 on MNIST, 64-32-4 on the digits with --smoke."""
+    if args.smoke:
+        return SMOKE_SIZES
+    return {"input_dim": INPUT_DIM, "image_shape": (28, 28), "hidden": HIDDEN, "latent": LATENT}
+
+
+def flops_per_image(args) -> tuple[int, int]:
+    """(encoder FLOPs per image, decoder FLOPs per importance sample), matrix products only, one hidden layer."""
+    net = sizes(args)
+    d_in, h, d = net["input_dim"], net["hidden"][0], net["latent"]
+    return 2 * (d_in * h + h * 2 * d), 2 * (d * h + h * d_in)
+
+
+def build_elbolab_model(args):
     from elbolab.models import get_model_class
 
+    net = sizes(args)
     cls = get_model_class("vae")
-    return cls(cls.config_class(input_dim=INPUT_DIM, image_shape=(28, 28), latent_dim=LATENT, hidden=HIDDEN,
-                                activation="relu", likelihood="bernoulli"))
+    return cls(cls.config_class(input_dim=net["input_dim"], image_shape=net["image_shape"], latent_dim=net["latent"],
+                                hidden=net["hidden"], activation="relu", likelihood="bernoulli"))
 
 
 # ----- worker: one timed evaluation in its own process -----
@@ -54,9 +77,9 @@ def worker(args) -> None:
     rss_before = common.proc_status_mib("VmRSS")
     torch.manual_seed(args.seed)
     if args.worker == "elbolab":
-        from elbolab.evaluate import importance_sampled_log_px
+        from elbolab.estimators import importance_sampled_log_px
 
-        model = build_elbolab_model()
+        model = build_elbolab_model(args)
         model.load_state_dict(state)
         model.eval()
         importance_sampled_log_px(model, x[:2], k=args.k)  # warm-up
@@ -66,7 +89,8 @@ def worker(args) -> None:
         np.save(args.per_example_file, estimate.per_example.numpy(), allow_pickle=False)
     else:
         common.quiet_pythae_logging()
-        model = common.build_pythae_vae(INPUT_DIM, HIDDEN, LATENT, "relu")
+        net = sizes(args)
+        model = common.build_pythae_vae(net["input_dim"], net["hidden"], net["latent"], "relu")
         model.load_state_dict(common.elbolab_to_pythae_state(state))
         model.eval()
         with torch.no_grad():
@@ -82,6 +106,11 @@ def run_worker(args, name: str, seed: int, files: dict, pythae_batch_size: int =
                "--k", str(args.k), "--seed", str(seed), "--threads", str(args.threads),
                "--pythae-batch-size", str(pythae_batch_size or 1),
                "--per-example-file", str(Path(files["dir"]) / f"elbolab-{seed}.npy")]
+    if args.smoke:  # in this process (an interpreter less: seconds): the same worker, its peak memory not its own
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main(command[2:] + ["--smoke"])
+        return json.loads(out.getvalue().strip().splitlines()[-1])
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
     if done.returncode != 0:
         raise RuntimeError(f"worker {name} failed:\n{done.stderr[-3000:]}")
@@ -92,25 +121,31 @@ def run_worker(args, name: str, seed: int, files: dict, pythae_batch_size: int =
 def prepare(args, scratch: Path) -> dict:
     from elbolab.data import load_data
 
-    splits = load_data("mnist", data_dir=args.data_dir, binarize="none", val_size=10000)
-    x = torch.bernoulli(splits.test.x[: args.n_images], generator=torch.Generator().manual_seed(1234))
+    if args.smoke:  # scikit-learn's embedded 8x8 digits: no data files needed
+        splits = load_data("digits", binarize="none")
+    else:
+        splits = load_data("mnist", data_dir=args.data_dir, binarize="none", val_size=10000)
+    grey = splits.test.rows(torch.arange(min(args.n_images, len(splits.test))))  # float [N, D] (MNIST is uint8)
+    args.n_images = grey.shape[0]
+    x = torch.bernoulli(grey, generator=torch.Generator().manual_seed(1234))
     np.save(scratch / "x.npy", x.numpy(), allow_pickle=False)
     torch.manual_seed(0)
-    model = build_elbolab_model()
+    model = build_elbolab_model(args)
     described = "random initialisation (seed 0)"
     if args.weights:
-        from elbolab import runs
+        from elbolab import loading
 
-        model, config = runs.load_run(args.weights)
+        model, config = loading.load_run(args.weights)
         described = f"weights of the run {args.weights}"
     elif args.train_epochs:
-        from elbolab.trainer import TrainConfig, Trainer
+        from elbolab.config import TrainConfig
+        from elbolab.trainer import Trainer
 
         train = splits.train
         config = TrainConfig(epochs=args.train_epochs, batch_size=128, lr=1e-3, progress=False, tensorboard=False)
         Trainer(model, config, scratch / "train-run", model_name="vae").fit(train, None)
-        described = (f"elbolab VAE trained {args.train_epochs} epochs on the 50k grey-level MNIST train split "
-                     "(batch 128, Adam 1e-3)")
+        described = (f"elbolab VAE trained {args.train_epochs} epochs on the {len(train)} grey-level "
+                     f"{'digits' if args.smoke else 'MNIST'} training images (batch 128, Adam 1e-3)")
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(scratch / "weights.safetensors"))
@@ -140,7 +175,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--pythae-batch-size", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--per-example-file", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds on the embedded digits, tiny network, elbolab only (checks that the script runs)")
+    args = p.parse_args(argv)
+    if args.smoke and not args.worker:
+        args.n_images, args.k, args.rounds, args.train_epochs, args.threads = 16, 64, 1, 1, 1
+        args.pythae_batch_sizes, args.weights = "", None
+    return args
 
 
 def main(argv=None):
@@ -167,7 +208,8 @@ def main(argv=None):
                   f"{res['mean']:.3f}, peak {res['peak_mib']:.0f} MiB  load {os.getloadavg()[0]:.2f}", flush=True)
 
     n, k = args.n_images, args.k
-    flops = n * (ENCODER_FLOPS + k * DECODER_FLOPS)
+    encoder_flops, decoder_flops = flops_per_image(args)
+    flops = n * (encoder_flops + k * decoder_flops)
     seconds = {c: common.median([r["seconds"] for r in v]) for c, v in results.items()}
     pythae_best = min((c for c in contenders if c[0] == "pythae"), key=lambda c: seconds[c], default=None)
     rows = []
@@ -199,8 +241,11 @@ def main(argv=None):
         agreement = "; ".join(lines_agree) or "no pythae runs"
         agreement += f" [one run's MC s.e. of the mean: {se_one_run:.4f} nats]"
 
+    net = sizes(args)
+    net_name = f"{net['input_dim']}-{'-'.join(map(str, net['hidden']))}-{net['latent']}"
+    data_name = "digits (smoke test)" if args.smoke else "MNIST"
     lines = common.header_lines(
-        f"Importance-sampled log p(x), K={k}: 784-400-20 Bernoulli VAE, first {n} MNIST test images", info,
+        f"Importance-sampled log p(x), K={k}: {net_name} Bernoulli VAE, first {n} {data_name} test images", info,
         {"weights": files["described"] + "; the same weights in both libraries",
          "data": f"first {n} test images, binarised once (torch.bernoulli, seed 1234)",
          "setup": f"each evaluation in its own subprocess, {args.rounds} interleaved rounds, median time; "

@@ -20,8 +20,19 @@ What each timed epoch includes:
            (raw), network outputs cast to float32 before the losses.
   pyro     SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step per batch (Monte-Carlo KL, as Trace_ELBO does),
            plate + scale 1/B so the loss is a batch mean; Pyro's validation is off (grey-level targets).
+  elbolab-generic (and -bf16)  elbolab with the fused fast path of ``objectives.elbo_terms`` switched off
+           (``objectives.FAST_PATH = False`` during the run): the loss built from torch.distributions objects, as
+           before issue 22. Setting ELBOLAB_FAST_PATH=0 in the environment switches it off for "elbolab" as well.
+
+The last column, "this / raw+fused (paired)", is each contender's rate over the raw+fused loop's in the same round
+(median over rounds; -bf16 contenders over raw+fused-bf16): elbolab and elbolab-generic there give the after / before
+ratios of issue 22.
+
+--smoke: a few seconds on scikit-learn's embedded digits (8x8, no data files), a 64-32-4 network, 2 epochs of which
+1 warm-up, one round of elbolab, elbolab-generic and raw+fused; for tests/test_fast_path.py, not for numbers.
 
 Run:  ELBOLAB_DATA=/work/shared/data /work/bench-venv/bin/python benchmarks/bench_vae_train.py
+      (issue 22: --only elbolab,elbolab-generic,raw+fused --rounds 5)
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,18 +50,23 @@ import _common as common  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784
+HIDDEN, LATENT, INPUT_DIM = (400,), 20, 784  # --smoke: (32,), 4 and the digits' 64
+SMOKE_HIDDEN, SMOKE_LATENT = (32,), 4
 
 
 # ----- contenders: each returns (per-epoch wall-clock seconds, mean loss of the last epoch) -----
-def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, precision: str = "fp32"):
+def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, precision: str = "fp32",
+                fast_path: bool | None = None):
+    """``fast_path=False``: objectives.FAST_PATH off during the run (None: as the environment set it)."""
+    from elbolab import objectives
+    from elbolab.config import TrainConfig
     from elbolab.models import get_model_class
-    from elbolab.trainer import TrainConfig, Trainer
+    from elbolab.trainer import Trainer
 
     torch.manual_seed(seed)
     cls = get_model_class("vae")
-    model = cls(cls.config_class(input_dim=INPUT_DIM, image_shape=(1, 28, 28), latent_dim=LATENT, hidden=HIDDEN,
-                                 activation="relu", likelihood="bernoulli"))
+    model = cls(cls.config_class(input_dim=x.shape[1], image_shape=train_data.image_shape, latent_dim=args.latent,
+                                 hidden=args.hidden, activation="relu", likelihood="bernoulli"))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
                          tensorboard=False, precision=precision)
     run_dir = Path(tempfile.mkdtemp(prefix="elbolab-", dir=scratch))
@@ -62,7 +79,12 @@ def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, pre
         return train_epoch(data)
 
     trainer._train_epoch = timed_epoch
-    history = trainer.fit(train_data, None)
+    fast_before = objectives.FAST_PATH
+    objectives.FAST_PATH = fast_before if fast_path is None else fast_path
+    try:
+        history = trainer.fit(train_data, None)
+    finally:
+        objectives.FAST_PATH = fast_before
     starts.append(common.now())
     shutil.rmtree(run_dir, ignore_errors=True)
     return common.spans(starts[:-1], starts[1:]), history[-1]["loss"]
@@ -76,13 +98,21 @@ def run_elbolab_bf16(x: torch.Tensor, train_data, args, seed: int, scratch: Path
     return run_elbolab(x, train_data, args, seed, scratch, precision="bf16")
 
 
+def run_elbolab_generic(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    return run_elbolab(x, train_data, args, seed, scratch, fast_path=False)
+
+
+def run_elbolab_generic_bf16(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    return run_elbolab(x, train_data, args, seed, scratch, precision="bf16", fast_path=False)
+
+
 def run_raw_fused_bf16(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
     return run_raw(x, train_data, args, seed, scratch, fused=True, bf16=True)
 
 
 def run_raw(x: torch.Tensor, train_data, args, seed: int, scratch: Path, fused: bool = False, bf16: bool = False):
     torch.manual_seed(seed)
-    nets = common.MLPVAENets(INPUT_DIM, HIDDEN, LATENT, "relu")
+    nets = common.MLPVAENets(x.shape[1], args.hidden, args.latent, "relu")
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr, fused=fused)
     durations, last = [], float("nan")
     for _ in range(args.epochs):
@@ -114,7 +144,7 @@ def run_pythae(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
 
     common.quiet_pythae_logging()
     torch.manual_seed(seed)
-    model = common.build_pythae_vae(INPUT_DIM, HIDDEN, LATENT, "relu")
+    model = common.build_pythae_vae(x.shape[1], args.hidden, args.latent, "relu")
     out_dir = Path(tempfile.mkdtemp(prefix="pythae-", dir=scratch))
     config = BaseTrainerConfig(output_dir=str(out_dir), per_device_train_batch_size=args.batch_size,
                                num_epochs=args.epochs, learning_rate=args.lr, steps_saving=args.pythae_steps_saving,
@@ -146,11 +176,11 @@ def run_pyro(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
     pyro.enable_validation(False)
     pyro.clear_param_store()
     torch.manual_seed(seed)
-    nets = common.MLPVAENets(INPUT_DIM, HIDDEN, LATENT, "relu")
+    nets = common.MLPVAENets(x.shape[1], args.hidden, args.latent, "relu")
 
     def model(xb):
         pyro.module("decoder", nets.decoder)
-        zeros = xb.new_zeros(xb.shape[0], LATENT)
+        zeros = xb.new_zeros(xb.shape[0], args.latent)
         with pyro.plate("data", xb.shape[0]), poutine.scale(scale=1.0 / xb.shape[0]):
             z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=nets.decoder(z)).to_event(1), obs=xb)
@@ -184,6 +214,8 @@ def paired_ratio(mine: list[float] | None, theirs: list[float]) -> str:
 
 CONTENDERS = {"elbolab": (run_elbolab, None), "raw+fused": (run_raw_fused, None), "raw": (run_raw, None),
               "elbolab-bf16": (run_elbolab_bf16, None), "raw+fused-bf16": (run_raw_fused_bf16, None),
+              "elbolab-generic": (run_elbolab_generic, None),
+              "elbolab-generic-bf16": (run_elbolab_generic_bf16, None),
               "pythae": (run_pythae, "pythae"),
               "pyro": (run_pyro, "pyro")}
 
@@ -205,7 +237,18 @@ def parse_args(argv=None):
                    help="first wait until the 1-minute load average is below this (0 = do not wait)")
     p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-load, seconds")
     p.add_argument("--out", default=None, help="also append the markdown to this file")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds on the embedded digits, tiny network, 1 round (checks that the script runs)")
     args = p.parse_args(argv)
+    args.hidden, args.latent = (SMOKE_HIDDEN, SMOKE_LATENT) if args.smoke else (HIDDEN, LATENT)
+    if args.smoke:
+        args.epochs, args.warmup_epochs, args.rounds, args.batch_size = 2, 1, 1, 64
+        args.threads = 1  # two OpenMP threads on a busy two-core machine can stall for seconds
+        if "--only" not in " ".join(argv if argv is not None else sys.argv[1:]):
+            args.only = "elbolab,elbolab-generic,raw+fused"
+    unknown = [s.strip() for s in args.only.split(",") if s.strip() and s.strip() not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contenders {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     if args.epochs <= args.warmup_epochs:
         p.error("--epochs must exceed --warmup-epochs")
     args.pythae_steps_saving = args.pythae_steps_saving or None
@@ -217,12 +260,17 @@ def main(argv=None):
     common.set_threads(args.threads)
     from elbolab.data import load_data
 
-    splits = load_data("mnist", data_dir=args.data_dir, binarize="none", val_size=10000)
+    if args.smoke:  # scikit-learn's embedded 8x8 digits: no data files needed
+        splits = load_data("digits", binarize="none")
+    else:
+        splits = load_data("mnist", data_dir=args.data_dir, binarize="none", val_size=10000)
     train = splits.train
     if args.train_size:
         train = type(train)(x=train.x[: args.train_size].contiguous(), y=train.y[: args.train_size],
                             image_shape=train.image_shape, binarize="none", name="mnist/train-subset")
     x = train.rows(torch.arange(len(train)))  # [N, 784] grey levels in [0, 1] (elbolab stores uint8)
+    sizes = f"{x.shape[1]}-{'-'.join(map(str, args.hidden))}-{args.latent}"
+    source = "digits (smoke test)" if args.smoke else "MNIST"
     n = x.shape[0]
 
     names = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -252,7 +300,7 @@ def main(argv=None):
             rates[name].append(n * len(timed) / sum(wall for wall, _ in timed))
             cpu_rates[name].append(n * len(timed) / sum(cpu for _, cpu in timed))
             losses[name].append(loss)
-            print(f"round {r + 1}/{args.rounds} {name:8s} {rates[name][-1]:9.0f} images/s "
+            print(f"round {r + 1}/{args.rounds} {name:15s} {rates[name][-1]:9.0f} images/s "
                   f"({cpu_rates[name][-1]:.0f} per CPU-s)  epochs (wall s) {[round(w, 2) for w, _ in durations]}  "
                   f"last-epoch loss {loss:.2f}  load {os.getloadavg()[0]:.2f}", flush=True)
 
@@ -261,7 +309,7 @@ def main(argv=None):
     versions = {k: common.package_version(k) for k in ("pythae", "pyro-ppl")}
     load1, load5, _ = os.getloadavg()
     lines = common.header_lines(
-        "Training throughput: 784-400-20 ReLU Bernoulli VAE, MNIST", info,
+        f"Training throughput: {sizes} ReLU Bernoulli VAE, {source}", info,
         {"setup": f"{n} training images (grey levels), batch {args.batch_size}, Adam lr {args.lr}, "
                   f"{args.epochs} epochs per run of which the first {args.warmup_epochs} are warm-up, "
                   f"{args.rounds} interleaved rounds (order rotated), median shown",
@@ -274,29 +322,33 @@ def main(argv=None):
                      common.fmt(1e3 * args.batch_size / med[name], 2), common.fmt(cpu_med[name]),
                      f"{common.median(losses[name]):.2f}", common.ratio(med.get("elbolab"), med[name]),
                      paired_ratio(rates.get("elbolab"), rates[name]),
-                     common.ratio(cpu_med.get("elbolab"), cpu_med[name])])
+                     common.ratio(cpu_med.get("elbolab"), cpu_med[name]),
+                     paired_ratio(rates[name], rates.get("raw+fused-bf16" if name.endswith("-bf16") else "raw+fused"))])
     for name, reason in missing.items():
-        rows.append([name, "not run", "", "", "", "", f"not importable ({reason})", "", ""])
+        rows.append([name, "not run", "", "", "", "", f"not importable ({reason})", "", "", ""])
     lines += common.markdown_table(
         ["contender", "images/s (median)", "range over rounds", "ms / step", "images / CPU-s", "last-epoch loss",
-         "elbolab / this (medians)", "elbolab / this (paired)", "elbolab / this (CPU)"], rows)
+         "elbolab / this (medians)", "elbolab / this (paired)", "elbolab / this (CPU)",
+         "this / raw+fused (paired; -bf16 rows: / raw+fused-bf16)"], rows)
     lines += ["", "Per-epoch time includes everything the library does in an epoch (see the script docstring); "
               "last-epoch loss = mean negative ELBO per image (Pyro's uses a Monte-Carlo KL). "
               "'paired' is the median over rounds of the ratio within a round (contenders run minutes apart, so this "
               "cancels slow load drifts). images / CPU-s uses this process's CPU time, less disturbed by other "
               "jobs on a shared machine (with several threads it also counts OpenMP spin-waiting)."]
-    lines += per_step_overhead(train, args)
+    lines += per_step_overhead(train, args, steps=20 if args.smoke else 2000)
     common.write_output(lines, args.out)
 
 
 def per_step_overhead(train, args, steps: int = 2000) -> list[str]:
     """What the family core adds per step before the forward pass: a Batch (uint8 rows densified, labels, row
     ids) instead of float rows x[index], and a StepContext with the schedules evaluated."""
+    from elbolab.config import TrainConfig, beta_schedule
     from elbolab.models import ModelConfig, build_model
-    from elbolab.trainer import TrainConfig, Trainer
+    from elbolab.trainer import Trainer
 
-    model = build_model("vae", ModelConfig(input_dim=INPUT_DIM, latent_dim=LATENT, hidden=HIDDEN))
-    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, kl_warmup_epochs=10, progress=False,
+    model = build_model("vae", ModelConfig(input_dim=train.dim, latent_dim=args.latent, hidden=args.hidden))
+    warmup = {"beta": beta_schedule(kl_warmup_epochs=10)}  # a KL warm-up over 10 epochs
+    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, schedules=warmup, progress=False,
                                          tensorboard=False), Path(tempfile.gettempdir()) / "unused", model_name="vae")
     x = train.rows(torch.arange(len(train)))
     index = torch.randperm(len(train))[: args.batch_size]

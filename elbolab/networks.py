@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from elbolab.errors import ElbolabError
+from elbolab.objectives import STANDARD_NORMAL_MARK
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "gelu": nn.GELU}
 COVARIANCES = ("diag", "full")
@@ -123,7 +124,9 @@ class GaussianEncoder(nn.Module):
 def standard_normal_prior(latent_dim: int, like: torch.Tensor) -> Independent:
     """p(z) = N(0, I) as an Independent Normal on the device and dtype of ``like``."""
     zeros = like.new_zeros(latent_dim)
-    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+    prior = Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+    setattr(prior, STANDARD_NORMAL_MARK, True)  # objectives.elbo_terms: no need to check the values
+    return prior
 
 
 def precision_weighted_merge(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor,

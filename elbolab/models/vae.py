@@ -34,7 +34,7 @@ from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
-from elbolab.objectives import free_bits_kl, kl_per_dim, kl_term
+from elbolab.objectives import elbo_terms, free_bits_kl
 from elbolab.schedules import StepContext
 
 UPDATES = ("joint", "alternate")
@@ -73,7 +73,7 @@ class VAE(LatentVariableModel):
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         if self.update_mode() == "joint":
             return super().parameter_groups()
-        encoder = list(self.encoder.parameters())
+        encoder = self.q_parameters()
         mine = {id(p) for p in encoder}
         # the decoder group: the decoder, the likelihood head (e.g. a learned sigma) and anything else
         return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in mine]}
@@ -87,23 +87,22 @@ class VAE(LatentVariableModel):
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         q = self.encode(batch)  # batch [B], event [d]
-        z = q.rsample((ctx.mc_samples,))  # [L, B, d]
-        recon = self.decode(z, batch).log_prob(batch.x).mean(0)  # [B]
-        prior = self.prior(batch)
         beta, free_bits = ctx.value("beta", 1.0), ctx.value("free_bits", 0.0)
+        if free_bits > 0 and self.config.encoder_covariance != "diag":
+            raise ElbolabError("free bits need a diagonal q(z|x); use --encoder-covariance diag")
+        # z ~ q [L, B, d], recon = 1/L sum_l log p(x|z_l) [B], KL [B] (and [B, d] for free bits); the fused fast
+        # path when the encoder, prior and likelihood are the standard ones (objectives.elbo_terms)
+        terms = elbo_terms(q, lambda z: self.decode(z, batch), self.prior(batch), batch.x, ctx.mc_samples,
+                           per_dim=free_bits > 0)
+        recon, kl = terms.recon, terms.kl
         metrics = {}
         if free_bits > 0:
-            if self.config.encoder_covariance != "diag":
-                raise ElbolabError("free bits need a diagonal q(z|x); use --encoder-covariance diag")
-            kl_bd = kl_per_dim(q, prior)  # [B, d]
-            kl = kl_bd.sum(-1)  # [B]
-            penalty = free_bits_kl(kl_bd, free_bits)
-            metrics["dims_above_free_bits"] = (kl_bd.mean(0) > free_bits).sum().float()  # per batch
+            penalty = free_bits_kl(terms.kl_per_dim, free_bits)
+            metrics["dims_above_free_bits"] = (terms.kl_per_dim.mean(0) > free_bits).sum().float()  # per batch
         else:
-            kl = kl_term(q, prior, z)  # [B]
             penalty = kl.mean()
         if "capacity" in ctx.values:
             penalty = (penalty - ctx.value("capacity", 0.0)).abs()
-        loss = -recon.mean() + beta * penalty
+        loss = (penalty if beta == 1 else beta * penalty) - recon.mean()  # the same value, fewer autograd nodes
         metrics.update(elbo=recon - kl, kl=kl, recon=recon)
         return LossOutput(self.route_loss(loss, ctx), metrics)
