@@ -63,7 +63,7 @@ class TrainStep:
     """One step of the trainer's loop on a model of its own (eager or compiled)."""
 
     def __init__(self, model, compiled: bool, **options):
-        from elbolab.trainer import adam
+        from elbolab.optim import adam
 
         self.model = model
         self.module = torch.compile(model, **options) if compiled else model

@@ -7,7 +7,7 @@ Two measurements, interleaved over --rounds in one process (the machine is share
    the same networks with the loss written out by hand (``binary_cross_entropy_with_logits`` and the closed-form KL
    of ``log_var``). No optimiser.
 2. Trainer epochs (``Trainer._train_epoch``, ms per step) with parts of the loop switched off one at a time: the
-   finiteness check of the gradients (``_any_nonfinite``), the per-step metric sums (``MetricTotals.add``), the
+   finiteness check of the gradients (``optim.any_nonfinite``), the per-step metric sums (``MetricTotals.add``), the
    uint8 -> float densification of the batch (float rows given instead), torch.distributions' argument validation
    (off everywhere); and all four off together. Next to them the raw fused-Adam loop on the same float rows.
 
@@ -102,7 +102,7 @@ def switched_off(parts: set[str]):
         setattr(owner, name, value)
 
     if "check" in parts:
-        patch(trainer_module, "_any_nonfinite", lambda tensors: False)
+        patch(trainer_module, "any_nonfinite", lambda tensors: False)
     if "metrics" in parts:  # keep only the loss (the epoch line needs it), as a tensor, without a float() per step
         def add_loss_only(self, out, batch_size):
             self.sums["loss"] = self.sums.get("loss", 0.0)

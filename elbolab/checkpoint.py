@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from elbolab.config import option_defaults
 from elbolab.errors import CheckpointError
 from elbolab.runs import config_mismatch, dtype_mismatches, load_tensors, save_tensors
 
@@ -127,8 +128,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, to
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_model_tensors(path, weights, model)
     if model_name is not None:
-        from elbolab.run_folder import option_defaults
-
         differs = config_mismatch(meta.get("config"), model_name, model.config.to_dict(),
                                   option_defaults(type(model.config)), Path(path).name)
         if differs:

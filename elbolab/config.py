@@ -56,6 +56,18 @@ def parse_option(config_class, name: str, text: str, flag: str | None = None):
         raise ElbolabError(f"{flag or name}: expected {example}, got {text!r}") from None
 
 
+def option_defaults(config_class) -> dict:
+    """The default of every field of a config dataclass that has one (what a run saved before the field existed
+    trained with)."""
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
 def check_options(cls, options: dict, exclude=()) -> None:
     names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
     unknown = sorted(set(options) - set(names))
@@ -200,4 +212,20 @@ def check_device(device: str) -> torch.device:
                            "use --device cpu")
     return dev
 
+
+def check_settings_for(model, config: TrainConfig, trainer_values=()) -> None:
+    """Refuse settings the model would ignore: a schedule of a value it does not read (the trainer itself reads
+    ``trainer_values``), or --mc-samples for a model that draws its own samples."""
+    unread = sorted(set(config.schedules) - set(model.scheduled_values) - set(trainer_values))
+    if unread:
+        raise ElbolabError(
+            f"{type(model).__name__} does not read the scheduled value(s) {unread}; it reads "
+            f"{list(model.scheduled_values) or 'none'}. Drop them (they would have no effect)"
+        )
+    if config.mc_samples != 1 and not model.reads_mc_samples:
+        raise ElbolabError(
+            f"{type(model).__name__} does not use --mc-samples (got {config.mc_samples}); drop it"
+            + (" (the IWAE's samples are --set k=...)" if "k" in {f.name for f in dataclasses.fields(model.config)}
+               else "")
+        )
 

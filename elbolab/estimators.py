@@ -29,8 +29,8 @@ from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
 
 # Size of one [k_chunk, B, width] float32 block (decoder output, log-prob temporaries); the evaluator holds a
-# handful of such blocks at once. Measured on a 784-400-20 VAE at K = 5000 (2-core CPU, interleaved runs): blocks of
-# 4-8 MB (1250-2500 samples x 784 pixels) ran ~1.5x faster than 16-64 MB ones, whose temporaries leave the cache.
+# handful of such blocks at once. Blocks of 4-8 MB (1250-2500 samples x 784 pixels) keep those temporaries in the
+# cache; 16-64 MB ones leave it and run slower (timing in BENCHMARKS.md).
 BLOCK_BYTES = 8 * 2**20
 
 LogWeightFn = Callable[[Batch, int], torch.Tensor]  # (batch of B examples, k_chunk) -> log weights [k_chunk, B]

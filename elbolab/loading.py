@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from elbolab.config import upgrade_run_config
+from elbolab.config import option_defaults, upgrade_run_config
 from elbolab.data import load_data
 from elbolab.errors import CheckpointError, ElbolabError
 from elbolab.models import get_model_class
-from elbolab.run_folder import option_defaults
 from elbolab.runs import (
     BEST_WEIGHTS,
     CONFIG,

@@ -23,6 +23,7 @@ from elbolab.errors import CheckpointError, ElbolabError, TrainingInterrupted
 from elbolab.likelihoods import LIKELIHOODS
 from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
+from elbolab.progress import format_duration
 from elbolab.records import SCHEMA_VERSION, Evaluation
 from elbolab.trainer import Trainer
 
@@ -405,16 +406,8 @@ def _announce_cost(model, data, k: int, progress: bool) -> None:
         raise ElbolabError(f"--iw-samples {k:,} on {len(data):,} examples would take about {seconds / 86400:,.0f} "
                            "days on this machine; use a smaller --iw-samples (5000 is the papers' choice) or --limit")
     if seconds > 10 and progress:
-        print(f"log p(x): {len(data):,} examples x K = {k:,} importance samples, about {_duration(seconds)} here",
+        print(f"log p(x): {len(data):,} examples x K = {k:,} importance samples, about {format_duration(seconds)} here",
               flush=True)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _sandwich(model, data, *, ais_steps: int, ais_chains: int, ais_leapfrog: int, ais_examples: int,

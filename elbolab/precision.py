@@ -39,7 +39,7 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and
-    slower than fp32 (measured 2.0x slower on an Intel Xeon without either, BENCHMARKS.md)."""
+    slower than fp32 (as measured on an Intel Xeon without either: BENCHMARKS.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -56,3 +56,11 @@ def say(line: str, enabled: bool = True) -> None:
     """One plain line about what is starting (and how long it may take), flushed at once."""
     if enabled:
         print(line, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+

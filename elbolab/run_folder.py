@@ -7,7 +7,6 @@ writing live in ``elbolab.runs``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -15,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from elbolab import runs
-from elbolab.config import upgrade_run_config
+from elbolab.config import option_defaults, upgrade_run_config
 from elbolab.errors import CheckpointError
 from elbolab.manifest import collect_manifest
 
@@ -29,18 +28,6 @@ RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "checkpoint_every", "k
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def option_defaults(config_class) -> dict:
-    """The default of every field of a config dataclass that has one (what a run saved before the field existed
-    trained with)."""
-    defaults = {}
-    for f in dataclasses.fields(config_class):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
 
 
 def is_run_config(path: Path) -> bool:

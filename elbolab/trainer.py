@@ -8,11 +8,11 @@ then every optimiser steps, so a discriminator is trained on its own objective a
 
 Reproducibility: the batch order of epoch e comes from ``DistributedSampler(seed, epoch=e)`` and dynamic
 binarisation from a generator seeded by (seed, epoch, rank), so neither needs saving; the global torch RNG (the
-reparameterisation noise) is saved in the checkpoint. A resumed CPU run therefore ends with bit-identical
-parameters to an uninterrupted one. Under ``torchrun`` each of W processes takes batch_size / W examples of every
-global batch (the sampler interleaves ranks over one shared permutation) and the gradients are averaged (DDP for
-one parameter group; an explicit all-reduce per group for several), so one step equals a one-process step on the
-same global batch.
+reparameterisation noise) is saved in the checkpoint, every rank's under torchrun. A resumed CPU run therefore ends
+with bit-identical parameters to an uninterrupted one, with one process or several. Under ``torchrun`` each of W
+processes takes batch_size / W examples of every global batch (the sampler interleaves ranks over one shared
+permutation) and the gradients are averaged (DDP for one parameter group; an explicit all-reduce per group for
+several), so one step equals a one-process step on the same global batch.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from elbolab import runs
 from elbolab.checkpoint import load_checkpoint, save_checkpoint
-from elbolab.config import TrainConfig, check_device
+from elbolab.config import TrainConfig, check_device, check_settings_for
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged, TrainingInterrupted
 from elbolab.loggers import MetricsLog, MetricTotals, epoch_line
 from elbolab.models.base import check_parameter_groups
+from elbolab.optim import adam, any_nonfinite
 from elbolab.precision import autocast, cpu_has_native_bf16
+from elbolab.progress import format_duration
 from elbolab.run_folder import RunFolder, check_resume_settings, now_utc
 from elbolab.schedules import StepContext, evaluate_schedules, parse_schedules
 
@@ -75,18 +77,7 @@ class Trainer:
                            for name, params in self.groups.items()}
         self._base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
         self.schedules = parse_schedules(config.schedule_specs(model.scheduled_defaults()))
-        unread = sorted(set(config.schedules) - set(model.scheduled_values) - set(TRAINER_VALUES))
-        if unread:
-            raise ElbolabError(
-                f"{type(model).__name__} does not read the scheduled value(s) {unread}; it reads "
-                f"{list(model.scheduled_values) or 'none'}. Drop them (they would have no effect)"
-            )
-        if config.mc_samples != 1 and not model.reads_mc_samples:
-            raise ElbolabError(
-                f"{type(model).__name__} does not use --mc-samples (got {config.mc_samples}); drop it"
-                + (" (the IWAE's samples are --set k=...)" if "k" in {f.name for f in
-                   dataclasses.fields(model.config)} else "")
-            )
+        check_settings_for(model, config, trainer_values=TRAINER_VALUES)
         self.module = model
         self._reduce_gradients = False
         if self.world > 1:
@@ -103,6 +94,7 @@ class Trainer:
         self._stop = StopOnInterrupt(enabled=False)  # replaced by the loop's handler
         self._checkpointed = False  # whether this run folder holds a checkpoint yet
         self.best = None  # (val elbo, epoch)
+        self._estimate_pending = True
 
     def say(self, line: str) -> None:
         """One line for the person watching (rank 0, when progress is on); plain text, so logs read well."""
@@ -177,6 +169,9 @@ class Trainer:
 
     def _loop(self, train, val) -> list[dict]:
         cfg, history = self.config, []
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.say(f"{self.model_name}: {n_params:,} parameters; {len(train):,} training examples, batches of "
+                 f"{cfg.batch_size}, epochs {self.epoch + 1} to {cfg.epochs}")
         started = time.perf_counter()
         with StopOnInterrupt(enabled=self.world == 1) as stop:
             self._stop = stop
@@ -286,6 +281,8 @@ class Trainer:
             generator.set_state(self._resume_point["binarize"])
             self._resume_point = None
         bar = self._progress(len(batches), start)
+        timed = self._estimate_pending  # the first epoch of this session: its first steps give the estimate
+        epoch_started = time.perf_counter()
         prefetch = getattr(train, "prefetch", None)  # data on disk (memory-mapped): read the next rows meanwhile
         for i in range(start, len(batches)):
             index = batches[i]
@@ -301,6 +298,11 @@ class Trainer:
                 out = self.module(batch, ctx)
             self._step(out)
             totals.add(out, len(index))
+            if timed and (i + 1 - start == ESTIMATE_AFTER_STEPS or i + 1 == len(batches)):
+                timed = self._estimate_pending = False
+                per_step = (time.perf_counter() - epoch_started) / (i + 1 - start)
+                self.say(f"about {format_duration(per_step * len(batches))} per epoch here ({per_step * 1e3:.1f} ms "
+                         f"per step of {cfg.batch_size}, timed on the first {i + 1 - start} steps)")
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:
@@ -355,7 +357,7 @@ class Trainer:
                 for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
                     p.grad = g
         grads = [p.grad for name in names for p in self.groups[name] if p.grad is not None]
-        if _any_nonfinite(grads + [out.losses[name].detach().reshape(1) for name in names]):  # one pass over all
+        if any_nonfinite(grads + [out.losses[name].detach().reshape(1) for name in names]):  # one pass over all
             self._diverged(out, grads)
         for name in names:
             self.optimizers[name].step()
@@ -409,26 +411,7 @@ class Trainer:
                     unit="batch", dynamic_ncols=True)
 
 
-def _any_nonfinite(tensors: list[torch.Tensor]) -> bool:
-    """Whether any tensor holds a NaN or an inf: one fused pass (the kernel torch's GradScaler uses, with a unit
-    scale), about 2.5x cheaper than norms on CPU; norms where that kernel is missing."""
-    if not tensors:
-        return False
-    found = torch.zeros(1, device=tensors[0].device)
-    try:
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=found.device))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
-    return bool(found.item())
-
-
-def adam(params, options: dict) -> torch.optim.Optimizer:
-    try:
-        # fused Adam: one kernel for all parameters instead of a per-parameter loop (about 4x less optimiser
-        # time on CPU, measured in benchmarks/bench_vae_train.py); needs torch >= 2.4 on CPU
-        return torch.optim.Adam(params, fused=True, **options)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **options)
+ESTIMATE_AFTER_STEPS = 20
 
 
 class StopOnInterrupt:

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("estimators", ("estimators", "ais", "inference")),  # over any model's distributions, duck-typed
     ("pictures", ("plots", "figures")),
     ("models", ("models",)),
-    ("engine", ("checkpoint", "run_folder", "loggers", "trainer", "evaluate", "loading")),
+    ("engine", ("checkpoint", "run_folder", "loggers", "optim", "trainer", "evaluate", "loading")),
     ("analyses", ("disentanglement", "topics", "prior_holes", "explorer")),
     ("application", ("pipeline", "report", "cli", "__main__", "__init__", "classical.gmm_cli",
                      "classical.ising_cli")),

@@ -267,7 +267,8 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 
 def squared_norms(y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """|[y, 1]|^2 = |y|^2 + 1 for [K, D + 1, c] -> [K, c]. Squares then a sum over the middle axis, both vectorised
-    along the contiguous rows (vector_norm over a strided axis is ~18x slower); ``scratch`` holds the squares."""
+    along the contiguous rows (vector_norm would reduce over the strided axis, far slower: BENCHMARKS.md); ``scratch``
+    holds the squares."""
     return torch.mul(y, y, out=scratch).sum(1)
 
 
@@ -288,7 +289,7 @@ class SweepStats:
 
 
 # exp() of arguments far below zero underflows to denormals or zero, and the vectorised exp then takes a slow path
-# (10-50x slower per element on the AMD EPYC of BENCHMARKS.md; in EM most of the [rows, K] log-responsibilities of
+# (timings in BENCHMARKS.md; in EM most of the [rows, K] log-responsibilities of
 # well separated components are down there). Relative weights below e^FLOOR (1e-35 in float32, 1e-304 in float64)
 # are raised to it: far below either dtype's resolution of the sums they enter, and still normal numbers after the
 # division by at most K and a square root.

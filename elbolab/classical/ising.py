@@ -276,9 +276,9 @@ def fused_half_sweep(src: torch.Tensor, dst: torch.Tensor, field: torch.Tensor, 
     """
     mu = src[1:-1, 1:-1]  # [H, W]
     a = coupling * (src[:-2, 1:-1] + src[2:, 1:-1] + src[1:-1, :-2] + src[1:-1, 2:]) + field
-    # tanh(a) = 1 - 2 / (exp(2a) + 1): inductor's vectorised exp is ~2.6x faster than its tanh on CPU (torch 2.13,
-    # AVX-512), and the identity is exact at both tails (exp -> inf gives 1, exp -> 0 gives -1); the absolute error
-    # stays below 2e-7 (tests/test_ising.py checks it against torch.tanh)
+    # tanh(a) = 1 - 2 / (exp(2a) + 1): inductor's vectorised exp is faster than its tanh on CPU (BENCHMARKS.md;
+    # torch 2.13, AVX-512), and the identity is exact at both tails (exp -> inf gives 1, exp -> 0 gives -1); the
+    # absolute error stays below 2e-7 (tests/test_ising.py checks it against torch.tanh)
     step = 1.0 - 2.0 / (torch.exp(2.0 * a) + 1.0) - mu
     if mask is not None:
         step = torch.where(mask, step, 0.0)

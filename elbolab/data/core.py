@@ -154,7 +154,7 @@ class TensorData:
         """
         rows = self.rows(index)  # [B, D]
         if self.binarize == "dynamic":
-            # u < x is a Bernoulli(x) draw; about 1.7x faster than torch.bernoulli on CPU
+            # u < x is a Bernoulli(x) draw, faster on CPU than torch.bernoulli (timing in BENCHMARKS.md)
             rows = (torch.rand(rows.shape, generator=generator) < rows).to(rows.dtype)
         return Batch(rows, None if self.y is None else self.y[index], index)
 
