@@ -487,3 +487,22 @@ def test_the_estimate_warns_when_k_is_too_small_and_not_when_it_is_enough(ppca, 
     assert k_warning(exact) is None
     # the curve is the headline's own: its last point is the estimate itself
     assert small.curve[-1]["k"] == 5 and small.curve[-1]["log_px"] == pytest.approx(small.mean)
+
+
+def test_sticking_the_landing_has_zero_encoder_gradient_at_the_exact_posterior(ppca, data):
+    # Roeder et al. 2017: with q = p(z|x) the path derivative of log p(x, z) - log q(z) is zero for every draw,
+    # while the usual estimator's encoder gradient is zero only on average
+    model = ppca.model(exact_covariance=True)
+    encoder = list(model.encoder.parameters())
+    batch = Batch(data[:16])
+
+    def encoder_gradient(loss_fn, seed):
+        torch.manual_seed(seed)
+        model.zero_grad()
+        loss_fn(batch, StepContext(mc_samples=1)).loss.backward()
+        return torch.cat([p.grad.flatten() for p in encoder if p.grad is not None])
+
+    stl = torch.stack([encoder_gradient(model.sticking_the_landing_loss, s) for s in range(5)])
+    plain = torch.stack([encoder_gradient(lambda b, c: type(model).loss(model, b, c), s) for s in range(5)])
+    assert stl.abs().max() < 1e-4
+    assert plain.std(0).max() > 1e-2

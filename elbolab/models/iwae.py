@@ -26,13 +26,14 @@ from elbolab.models.vae import VAE
 from elbolab.objectives import dreg_surrogate, iwae_bound
 from elbolab.schedules import StepContext
 
-GRADIENTS = ("plain", "dreg")
+GRADIENTS = ("plain", "dreg", "stl")
 
 
 @dataclass(frozen=True)
 class IWAEConfig(ModelConfig):
     k: int = option(5, "importance samples per example in the training bound L_k")
-    gradient: str = option("plain", "gradient estimator: plain | dreg")
+    gradient: str = option("plain", "gradient estimator: plain | dreg | stl (sticking the landing: log q's "
+                                    "parameters held fixed; unbiased at k = 1, biased for k > 1: use dreg)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +54,7 @@ class IWAE(VAE):
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         dreg = self.config.gradient == "dreg"
-        z, log_w = self.importance_samples(batch, self.config.k, reparameterize=True, stop_q_grad=dreg)  # [k, B]
+        z, log_w = self.importance_samples(batch, self.config.k, reparameterize=True,
+                                           stop_q_grad=self.config.gradient != "plain")  # [k, B, d], [k, B]
         bound = dreg_surrogate(log_w, z) if dreg else iwae_bound(log_w)  # [B]
         return LossOutput({"model": -bound.mean()}, {"iwae_bound": bound.detach(), "elbo": log_w.mean(0).detach()})

@@ -34,7 +34,7 @@ from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
-from elbolab.objectives import elbo_terms, free_bits_kl
+from elbolab.objectives import detach_distribution, elbo_terms, free_bits_kl, kl_term
 from elbolab.schedules import StepContext
 
 UPDATES = ("joint", "alternate")
@@ -44,12 +44,17 @@ UPDATES = ("joint", "alternate")
 class VAEConfig(ModelConfig):
     updates: str = option("joint", "joint | alternate (encoder and decoder groups stepped in turn, encoder first)")
     alternate_every: int = option(1, "steps per phase with updates=alternate")
+    gradient: str = option("plain", "plain (the closed-form KL) | stl (sticking the landing, Roeder et al. 2017: a "
+                                    "Monte-Carlo KL with log q's parameters held fixed, zero variance at the "
+                                    "exact posterior)")
 
     def __post_init__(self):
         super().__post_init__()
         if self.updates not in UPDATES:
             raise ElbolabError(f"vae: expected updates in {', '.join(UPDATES)}, got {self.updates!r}; "
                                "try --set updates=alternate")
+        if self.gradient not in ("plain", "stl"):
+            raise ElbolabError(f"vae: expected gradient plain or stl, got {self.gradient!r}")
         if self.alternate_every < 1:
             raise ElbolabError(f"vae: expected alternate_every >= 1 steps, got {self.alternate_every!r}")
 
@@ -86,6 +91,8 @@ class VAE(LatentVariableModel):
         return {name: loss if name == active else None for name in ("encoder", "decoder")}
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
+        if getattr(self.config, "gradient", "plain") == "stl":
+            return self.sticking_the_landing_loss(batch, ctx)
         q = self.encode(batch)  # batch [B], event [d]
         beta, free_bits = ctx.value("beta", 1.0), ctx.value("free_bits", 0.0)
         if free_bits > 0 and self.config.encoder_covariance != "diag":
@@ -106,3 +113,17 @@ class VAE(LatentVariableModel):
         loss = (penalty if beta == 1 else beta * penalty) - recon.mean()  # the same value, fewer autograd nodes
         metrics.update(elbo=recon - kl, kl=kl, recon=recon)
         return LossOutput(self.route_loss(loss, ctx), metrics)
+
+    def sticking_the_landing_loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
+        """Roeder, Wu & Duvenaud 2017: the ELBO as 1/L sum_l [log p(x|z_l) - beta (log q_stop(z_l) - log p(z_l))]
+        with reparameterised z_l and q's parameters detached inside log q (the path derivative alone); its expected
+        gradient is the ELBO's, and at the exact posterior every draw's encoder gradient is zero."""
+        q = self.encode(batch)  # batch [B], event [d]
+        z = q.rsample((ctx.mc_samples,))  # [L, B, d]
+        recon = self.decode(z, batch).log_prob(batch.x).mean(0)  # [B]
+        kl_path = (detach_distribution(q).log_prob(z) - self.prior(batch).log_prob(z)).mean(0)  # [B]
+        with torch.no_grad():
+            kl = kl_term(q, self.prior(batch), z)  # [B], the reported KL (closed form when there is one)
+        loss = ctx.value("beta", 1.0) * kl_path.mean() - recon.mean()
+        return LossOutput(self.route_loss(loss, ctx), {"elbo": (recon - kl).detach(), "kl": kl,
+                                                        "recon": recon.detach()})

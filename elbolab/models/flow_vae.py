@@ -1,0 +1,297 @@
+"""A VAE whose q(z|x) is a diagonal Gaussian pushed through normalizing flows: planar (Rezende & Mohamed 2015,
+"Variational inference with normalizing flows") or inverse autoregressive (Kingma, Salimans, Jozefowicz, Chen,
+Sutskever & Welling 2016, "Improved variational inference with inverse autoregressive flow").
+
+q_0(z_0|x) = N(mu(x), diag sigma^2(x)) is the encoder's Gaussian; z_K = f_K o ... o f_1(z_0) with invertible f_k.
+Change of variables (Rezende & Mohamed, finite flows; Kingma et al., the same chain for IAF):
+
+    log q_K(z_K|x) = log q_0(z_0|x) - sum_{k=1}^{K} log |det d f_k / d z_{k-1}|
+
+Objective, per example (Rezende & Mohamed's flow-based free energy, negated; the VAE's loss with the KL by Monte
+Carlo, ``objectives.kl_term``):
+
+    L(x) = E_{q_0(z_0|x)} [ log p(x | z_K) + log p(z_K) - log q_0(z_0|x) + sum_k log |det d f_k / d z_{k-1}| ]
+
+with beta on the KL part, 1/L sum_l [log q_K(z_K^l) - log p(z_K^l)], as in the VAE (beta and a capacity target;
+free bits need a per-dimension KL, which a flow does not have).
+
+* planar: f(z) = z + u_hat h(w^T z + b), h = tanh, log |det| = log |1 + u_hat^T psi(z)|, psi(z) = h'(w^T z + b) w
+  (R&M, planar flows). Invertible when w^T u_hat >= -1, enforced by their reparameterisation (R&M appendix A)
+  u_hat = u + (m(w^T u) - w^T u) w / ||w||^2, m(a) = -1 + log(1 + e^a). The inverse has no closed form; it is
+  computed here by bisection on the scalar equation a + (w^T u_hat) tanh(a + b) = w^T y for a = w^T z (strictly
+  increasing in a), then z = y - u_hat tanh(a + b). Training and importance sampling never use it: samples from
+  ``rsample`` keep their pre-images in each transform's cache (``cache_size=1``).
+* iaf: [m, s] = MADE(z, h(x)), an autoregressive network (Germain et al. 2015) whose outputs i see only the z_j
+  earlier than i in the step's order (and the encoder's features h(x), the IAF paper's context); sigma = sigmoid(s),
+  z' = sigma * z + (1 - sigma) * m, log |det| = sum_i log sigma_i (Kingma et al.'s numerically stable form of the
+  IAF step; s starts near +2 as they suggest). Steps alternate between the natural and the reversed order.
+
+The planar parameters (u, w, b) are amortised by default, output for each x by a linear layer on the encoder's
+features as in Rezende & Mohamed (the flow adapts to each posterior); ``amortized=false`` learns one global set per
+model. The IAF is conditioned on the same features (``amortized=false``: no context). Planar flows start as the
+identity (u_hat = 0), so a fresh flow-vae is the plain VAE.
+
+Set with ``--set flow=iaf --set flows=8``; ``flows=0`` is the plain VAE (closed-form KL).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal, Transform, TransformedDistribution, constraints
+from torch.nn import functional as F
+
+from elbolab.data.core import Batch, as_batch
+from elbolab.errors import ElbolabError
+from elbolab.models.base import option
+from elbolab.models.registry import register_model
+from elbolab.models.vae import VAE, VAEConfig
+from elbolab.networks import activation, full_precision
+
+FLOWS = ("planar", "iaf")
+IDENTITY_OFFSET = math.log(math.e - 1)  # m(a) = 0 at this a: u = a w / ||w||^2 gives u_hat = 0 (the identity)
+IAF_S_INIT = 2.0  # initial s bias: sigma = sigmoid(2) ~ 0.88, z' close to z (Kingma et al. 2016: "+1 or +2")
+BISECTION_STEPS = 64
+
+
+@dataclass(frozen=True)
+class FlowVAEConfig(VAEConfig):
+    flow: str = option("planar", "the flow after q_0(z|x): planar | iaf")
+    flows: int = option(4, "flow steps K (0: the plain VAE)")
+    amortized: bool = option(True, "flow parameters (planar) or context (iaf) from the encoder's features; false: "
+                             "one global flow per model")
+    flow_hidden: int = option(64, "hidden units of each IAF step's autoregressive network (MADE)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.flow in FLOWS, f"flow in {', '.join(FLOWS)}", self.flow),
+            (self.flows >= 0, "flows >= 0 steps", self.flows),
+            (self.flow_hidden >= 1, "flow_hidden >= 1 units", self.flow_hidden),
+            (self.encoder_covariance == "diag", "encoder_covariance diag (q_0 is the diagonal Gaussian of both "
+             "papers; the flow adds the correlations)", self.encoder_covariance),
+        ]
+        for ok, expected, got in checks:
+            if not ok:
+                raise ElbolabError(f"flow-vae: expected {expected}, got {got!r}")
+
+
+# ----------------------------------------------------------------------------------------------- planar flow
+
+def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """u_hat = u + (m(w^T u) - w^T u) w / ||w||^2, m(a) = -1 + softplus(a): then w^T u_hat = m(w^T u) > -1
+    (Rezende & Mohamed 2015, appendix A). ``u``, ``w`` ``[..., d]``."""
+    wu = (w * u).sum(-1, keepdim=True)
+    norm2 = w.pow(2).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return u + (F.softplus(wu) - 1 - wu) * w / norm2
+
+
+class PlanarTransform(Transform):
+    """f(z) = z + u_hat tanh(w^T z + b) on R^d, with u_hat from ``planar_u_hat`` (invertible).
+
+    ``u``, ``w`` ``[..., d]`` and ``b`` ``[...]`` broadcast against z ``[..., d]`` (global parameters ``[d]``, or
+    amortised ``[B, d]`` for z ``[L, B, d]``)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.u, self.w, self.b = u, w, b
+        self.u_hat = planar_u_hat(u, w)
+        # w^T u_hat = m(w^T u) = softplus(w^T u) - 1 >= -1, [...]: from m itself, which rounding cannot push below -1
+        # (the dot product w^T u_hat can land an ulp under it when w^T u << -1)
+        self.wu = F.softplus((w * u).sum(-1)) - 1
+
+    def with_cache(self, cache_size: int = 1):
+        return self if self._cache_size == cache_size else PlanarTransform(self.u, self.w, self.b, cache_size)
+
+    def _call(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.u_hat * torch.tanh((z * self.w).sum(-1) + self.b).unsqueeze(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Numerical: a = w^T z solves g(a) = a + (w^T u_hat) tanh(a + b) = w^T y, g increasing; bisection in
+        [w^T y - |w^T u_hat|, w^T y + |w^T u_hat|], then one Newton step with the graph kept, so that gradients
+        are the implicit function's (da/d(w^T y) = 1 / g'(a)); z = y - u_hat tanh(a + b)."""
+        target = (y * self.w).sum(-1)
+        wu, b = self.wu, self.b
+        with torch.no_grad():
+            lo, hi = target - wu.abs(), target + wu.abs()
+            for _ in range(BISECTION_STEPS):
+                mid = 0.5 * (lo + hi)
+                below = mid + wu * torch.tanh(mid + b) < target
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            a = 0.5 * (lo + hi)
+        t = torch.tanh(a + b)
+        a = a - (a + wu * t - target) / (1 + wu * (1 - t.pow(2)))
+        return y - self.u_hat * torch.tanh(a + b).unsqueeze(-1)
+
+    def log_abs_det_jacobian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log |1 + u_hat^T psi(z)| = log(1 + h'(w^T z + b) w^T u_hat) (positive as w^T u_hat >= -1), ``[...]``."""
+        slope = 1 - torch.tanh((z * self.w).sum(-1) + self.b).pow(2)
+        return torch.log1p(slope * self.wu)
+
+
+class PlanarFlows(nn.Module):
+    """K planar steps: parameters (u_k, w_k, b_k) global, or from the encoder's features by a linear layer."""
+
+    def __init__(self, steps: int, latent_dim: int, feature_dim: int | None):
+        super().__init__()
+        self.steps, self.latent_dim = steps, latent_dim
+        w = torch.randn(steps, latent_dim) / math.sqrt(latent_dim)
+        u = IDENTITY_OFFSET * w / w.pow(2).sum(-1, keepdim=True)  # u_hat = 0: each step starts as the identity
+        start = torch.cat([u, w, torch.zeros(steps, 1)], -1)  # [K, 2d + 1]
+        if feature_dim is None:
+            self.params = nn.Parameter(start)
+            self.head = None
+        else:
+            self.head = nn.Linear(feature_dim, steps * (2 * latent_dim + 1))
+            nn.init.zeros_(self.head.weight)
+            with torch.no_grad():
+                self.head.bias.copy_(start.reshape(-1))
+
+    def transforms(self, features: torch.Tensor) -> list[Transform]:
+        d = self.latent_dim
+        if self.head is None:
+            params = self.params  # [K, 2d + 1]
+        else:
+            params = full_precision(self.head(features)).unflatten(-1, (self.steps, 2 * d + 1))  # [B, K, 2d + 1]
+            params = params.movedim(-2, 0)  # [K, B, 2d + 1]
+        return [PlanarTransform(p[..., :d], p[..., d:2 * d], p[..., 2 * d]) for p in params]
+
+
+# ------------------------------------------------------------------------------------------ inverse autoregressive
+
+class MADE(nn.Module):
+    """[..., d] (and a context [..., c]) -> (m, s), each [..., d], output i a function of the z_j earlier than i in
+    the order only (Germain et al. 2015, "MADE"): one hidden layer, masked weights. ``reverse``: the order
+    d-1, ..., 0 instead of 0, ..., d-1."""
+
+    def __init__(self, latent_dim: int, hidden: int, context_dim: int | None, act: str, reverse: bool):
+        super().__init__()
+        rank = torch.arange(1, latent_dim + 1)  # the position of z_i in the order, 1..d
+        if reverse:
+            rank = rank.flip(0)
+        hidden_rank = torch.arange(hidden) % max(latent_dim - 1, 1) + 1  # 1..d-1: each unit sees z of rank <= it
+        self.register_buffer("mask_in", (hidden_rank[:, None] >= rank[None, :]).float(), persistent=False)
+        self.register_buffer("mask_out", (rank[:, None] > hidden_rank[None, :]).float(), persistent=False)
+        self.inner = nn.Linear(latent_dim, hidden)
+        self.context = None if context_dim is None else nn.Linear(context_dim, hidden, bias=False)
+        self.act = activation(act)
+        self.m = nn.Linear(hidden, latent_dim)
+        self.s = nn.Linear(hidden, latent_dim)
+        nn.init.constant_(self.s.bias, IAF_S_INIT)
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.linear(z, self.inner.weight * self.mask_in, self.inner.bias)
+        if self.context is not None:
+            h = h + self.context(context)
+        h = self.act(h)
+        m = F.linear(h, self.m.weight * self.mask_out, self.m.bias)
+        s = F.linear(h, self.s.weight * self.mask_out, self.s.bias)
+        return full_precision(m), full_precision(s)
+
+
+class IAFTransform(Transform):
+    """z' = sigma * z + (1 - sigma) * m, sigma = sigmoid(s), [m, s] = made(z, context): one IAF step."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, made: MADE, context: torch.Tensor | None = None, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.made, self.context = made, context
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, log sigma) of the last forward call
+
+    def with_cache(self, cache_size: int = 1):
+        return self if self._cache_size == cache_size else IAFTransform(self.made, self.context, cache_size)
+
+    def _call(self, z: torch.Tensor) -> torch.Tensor:
+        m, s = self.made(z, self.context)
+        self._last = (z, F.logsigmoid(s))
+        sigma = torch.sigmoid(s)
+        return sigma * z + (1 - sigma) * m
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """d passes of z <- (y - (1 - sigma(z)) m(z)) / sigma(z): pass t fixes the t-th variable of the order."""
+        z = torch.zeros_like(y)
+        for _ in range(y.shape[-1]):
+            m, s = self.made(z, self.context)
+            sigma = torch.sigmoid(s)
+            z = (y - (1 - sigma) * m) / sigma
+        return z
+
+    def log_abs_det_jacobian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sum_i log sigma_i(z): the Jacobian is triangular in the order with diagonal sigma, ``[...]``."""
+        if self._last is not None and self._last[0] is z and (self._last[1].requires_grad
+                                                              or not torch.is_grad_enabled()):
+            return self._last[1].sum(-1)  # the forward pass's sigma (not one drawn under no_grad into a graph)
+        return F.logsigmoid(self.made(z, self.context)[1]).sum(-1)
+
+
+class IAFFlows(nn.Module):
+    """K IAF steps, alternating the natural and the reversed order; the context is the encoder's features."""
+
+    def __init__(self, steps: int, latent_dim: int, hidden: int, feature_dim: int | None, act: str):
+        super().__init__()
+        self.amortized = feature_dim is not None
+        self.made = nn.ModuleList(MADE(latent_dim, hidden, feature_dim, act, reverse=k % 2 == 1)
+                                  for k in range(steps))
+
+    def transforms(self, features: torch.Tensor) -> list[Transform]:
+        context = features if self.amortized else None
+        return [IAFTransform(made, context) for made in self.made]
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+@register_model("flow-vae")
+class FlowVAE(VAE):
+    """VAE with a normalizing-flow posterior: a diagonal Gaussian through planar or IAF steps."""
+
+    config_class = FlowVAEConfig
+    scheduled_values = ("beta", "capacity")  # no free bits: a flow's q has no per-dimension KL
+
+    def __init__(self, config: FlowVAEConfig):
+        super().__init__(config)
+        context = self.encoder.loc.in_features if config.amortized else None  # the width of the features h(x)
+        if config.flows == 0:
+            self.flow = None
+        elif config.flow == "planar":
+            self.flow = PlanarFlows(config.flows, config.latent_dim, context)
+        else:
+            self.flow = IAFFlows(config.flows, config.latent_dim, config.flow_hidden, context, config.activation)
+
+    def base_and_transforms(self, batch: Batch | torch.Tensor) -> tuple[Independent, list[Transform]]:
+        """q_0(z_0|x) (batch [B], event [d]) and the flow's transforms for this batch (fresh caches)."""
+        h = self.encoder.body(as_batch(batch).x)  # [B, H]: the features the flow is amortised on
+        loc = full_precision(self.encoder.loc(h))
+        scale = torch.exp(0.5 * full_precision(self.encoder.log_var(h)))
+        base = Independent(Normal(loc, scale, validate_args=False), 1)
+        return base, ([] if self.flow is None else self.flow.transforms(h))
+
+    def encode(self, batch: Batch | torch.Tensor):
+        """q_K(z|x): ``TransformedDistribution(q_0, flows)`` (q_0 itself when flows=0); batch [B], event [d]."""
+        base, transforms = self.base_and_transforms(batch)
+        return TransformedDistribution(base, transforms, validate_args=False) if transforms else base
+
+    def q_parameters(self) -> list[nn.Parameter]:
+        return super().q_parameters() + ([] if self.flow is None else list(self.flow.parameters()))
+
+    def latent_means(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor]:
+        """f_K o ... o f_1(mu(x)), the flow applied to the base mean, ``{"z": [B, d]}``: a point summary of q_K,
+        not E_q[z] (the image of a mean under a non-linear map is not the mean of the image)."""
+        base, transforms = self.base_and_transforms(batch)
+        z = base.mean
+        for transform in transforms:
+            z = transform(z)
+        return {"z": z}
+
+    def kl_terms(self, batch: Batch | torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """None with flows: q_K does not factorise over dimensions, so there is no per-dimension KL."""
+        return super().kl_terms(batch) if self.flow is None else None
