@@ -335,3 +335,26 @@ def test_collapsed_clusters_are_warned_about(digits):
     assert len(warnings) == 1 and "1 of 4 clusters" in warnings[0] and "gmm_selection=information" in warnings[0]
     assert small_model(input_dim=64, latent_dim=3, n_clusters=4).training_warnings(None) == []
 
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_the_optimal_cluster_posterior_gives_a_bound_at_least_as_tight_draw_by_draw(covariance):
+    from elbolab.models.vade import component_kls, optimal_cluster_kl
+
+    model = small_model(gmm_covariance=covariance)
+    x = torch.rand(16, SMALL["input_dim"], generator=torch.Generator().manual_seed(4))
+    q, prior = model.encode(x), model.prior()
+    kl_zc = component_kls(q, prior)  # [B, K]
+    optimal = optimal_cluster_kl(kl_zc, prior)  # [B]
+    for _ in range(5):  # any q(c|x), the sampled gamma of eq. 16 here, gives a KL at least as large
+        z = q.sample((1,))  # [1, B, d]
+        kl_z, kl_c = vade_kl(q, prior, cluster_log_posterior(prior, z))
+        assert ((kl_z + kl_c)[0] >= optimal - 1e-5).all()
+    # and the optimum is attained by q*(c|x) = softmax(log pi - KL_zc), by the same eq. 17 terms
+    log_star = (prior.mixture_distribution.logits.log_softmax(-1) - kl_zc).log_softmax(-1)
+    kl_z, kl_c = vade_kl(q, prior, log_star)
+    torch.testing.assert_close(kl_z + kl_c, optimal, rtol=1e-5, atol=1e-5)
+    out = get_model_class("vade")(VaDEConfig(**{**SMALL, "cluster_posterior": "optimal"})).loss(Batch(x),
+                                                                                                 StepContext())
+    assert (out.metrics["elbo_optimal_c"] >= out.metrics["elbo_sampled_c"] - 1e-5).all()
+    torch.testing.assert_close(out.metrics["elbo"], out.metrics["elbo_optimal_c"])
