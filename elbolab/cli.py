@@ -288,7 +288,9 @@ def _headline(result: dict) -> str:
     log_px = result["log_px"]
     name = "log p(x)" if log_px.get("is_density", True) else "Bernoulli score (not a log-density)"
     line = (f"{result.get('split', 'test')} {name} = {log_px['mean']:.2f} nats, Monte-Carlo s.e. "
-            f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}, {log_px['n_examples']:,} examples"
+            f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}"
+            + (f", mean ESS {log_px['ess_mean']:,.0f}" if log_px.get("ess_mean") is not None else "")
+            + f", {log_px['n_examples']:,} examples"
             f"{' (--limit)' if result.get('limit') else ''}; s.d. over examples "
             f"{log_px['sd_over_examples'] or 0:.2f})")
     if "elbo" in result:

@@ -368,6 +368,9 @@ def _log_px_section(ev: Evaluation, config) -> tuple[str, dict | None, str | Non
             callout = "; ".join(c for c in (note, block.warning) if c) or (
                 "this number is a score of the likelihood on data outside its support, not a log-density")
         sub = "nats; ± Monte-Carlo s.e." if _finite(block.mc_stderr) else "nats; no Monte-Carlo s.e."
+        if _finite(block.ess_mean):  # what the delta-method s.e. rests on
+            sub += f" (ESS {block.ess_mean:,.0f} on average, {block.ess_min:,.1f} at worst)" if _finite(
+                block.ess_min) else f" (mean ESS {block.ess_mean:,.0f})"
         if block.k is not None:
             sub += f"; K = {block.k:,}"
         if block.n_examples is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elbolab import pipeline, runs
+from elbolab import loading, pipeline, runs
 from elbolab.cli import main
 from elbolab.config import TrainConfig
 from elbolab.data import load_data
@@ -81,6 +81,10 @@ def test_a_run_prints_plain_epoch_lines_and_a_summary(tmp_path, capsys):
     run = pipeline.train("vae", "digits", out=tmp_path / "r", epochs=2, **QUIET)
     out = capsys.readouterr().out
     lines = out.splitlines()
+    n_params = sum(p.numel() for p in loading.load_run(run)[0].parameters())
+    assert lines[0].startswith(f"vae: {n_params:,} parameters; ") and "training examples" in lines[0]
+    assert lines[1].startswith("about ") and "per epoch here" in lines[1]  # timed on the first steps
+    lines = lines[2:]
     assert lines[0].startswith("epoch 1/2  train elbo ") and "| val elbo " in lines[0] and lines[0].endswith(" s")
     assert lines[1].startswith("epoch 2/2")
     assert "best val ELBO" in lines[2] and str((run / "index.html").resolve()) in lines[2]
