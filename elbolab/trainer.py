@@ -124,7 +124,8 @@ class Trainer:
             if self.config.epochs <= state["epoch"]:
                 raise CheckpointError(
                     f"--resume: the run in {self.run_dir} has already trained {state['epoch']} epochs; pass --epochs "
-                    f"greater than {state['epoch']} to train further (nothing was changed)"
+                    f"greater than {state['epoch']} to train further (nothing was changed; its report: elbolab "
+                    f"report {self.run_dir})"
                 )
         if self.world > 1:  # every rank checks before rank 0 writes
             torch.distributed.barrier()
