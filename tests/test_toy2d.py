@@ -57,3 +57,15 @@ def test_the_regions_figure(toy_model):
     model, out = toy_model
     path = plot_toy_regions(model, xor_points(), out / "figures" / "toy_regions.png")
     assert path.stat().st_size > 20_000
+
+
+def test_the_toy_is_a_data_source_and_its_report_draws_the_regions(tmp_path):
+    from elbolab.data import load_data
+
+    splits = load_data("xor")
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 1000 and splits.train.dim == 3
+    rows = splits.train.batch(torch.arange(len(splits.train))).x
+    assert {tuple(int(v) for v in r) for r in rows} == {tuple(int(v) for v in p) for p in xor_points()}
+    run = pipeline.train("vae", "xor", out=tmp_path / "xor", epochs=1, latent_dim=2, hidden=(8,), progress=False,
+                         tensorboard=False)
+    assert (run / "figures" / "toy_regions.png").is_file()

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from elbolab import plots, runs
+from elbolab.data.xor import xor_points
+from elbolab.figures.toy import plot_toy_regions
 
 
 @torch.no_grad()
@@ -36,6 +38,8 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
     if metrics_path.exists():
         records, _ = runs.read_metrics(metrics_path)
         paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
+    if test.meta.get("toy") == "xor" and model.config.latent_dim == 2:  # notes 002 s4.10: each point's region
+        paths.append(plot_toy_regions(model, xor_points(), fig_dir / "toy_regions.png"))
     means = next(iter(model.latent_means(batch).values()))
     paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
     return paths

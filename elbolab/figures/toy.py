@@ -10,26 +10,16 @@ factorised fit), which is the poor local optimum (posterior collapse) the notes 
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.patches import Ellipse
 
+from elbolab.data.xor import xor_data, xor_points  # noqa: F401 - the toy's data, here for its users
 from elbolab.plots import plt, save_figure
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-
-
-def xor_points() -> torch.Tensor:
-    """The four points (a, b, a XOR b), [4, 3]."""
-    return torch.tensor([[a, b, a ^ b] for a, b in itertools.product((0, 1), (0, 1))], dtype=torch.float32)
-
-
-def xor_data(repeat: int = 100) -> torch.Tensor:
-    """Each XOR point ``repeat`` times, [4 * repeat, 3] (a uniform distribution over the four)."""
-    return xor_points().repeat(repeat, 1)
 
 
 def _label(point: torch.Tensor) -> str:
@@ -58,7 +48,7 @@ def plot_toy_regions(model, points: torch.Tensor, path, *, extent: float = 3.0, 
     colours = np.array([plt.matplotlib.colors.to_rgb(c) for c in COLOURS[:len(points)]])
     image = colours[owner]
     image[faint] = 0.6 * image[faint] + 0.4  # faded where no q covers the plane
-    axes[0].imshow(image, origin="lower", extent=(-extent, extent, -extent, extent), alpha=0.55)
+    axes[0].imshow(np.clip(image, 0.0, 1.0), origin="lower", extent=(-extent, extent, -extent, extent), alpha=0.55)
     loc, sd = q.mean.numpy(), q.stddev.numpy()
     for i, point in enumerate(points):
         for k in (1, 2):
@@ -69,7 +59,7 @@ def plot_toy_regions(model, points: torch.Tensor, path, *, extent: float = 3.0, 
                       "its peak)", fontsize=12)
     best_p = np.clip(best_p, 0.0, 1.0)
     shaded = colours[best] * best_p[..., None] + (1 - best_p[..., None])
-    axes[1].imshow(shaded, origin="lower", extent=(-extent, extent, -extent, extent))
+    axes[1].imshow(np.clip(shaded, 0.0, 1.0), origin="lower", extent=(-extent, extent, -extent, extent))
     for i in range(len(points)):
         axes[1].plot(*loc[i], "o", color=COLOURS[i], markeredgecolor="black")
     axes[1].set_title("most probable point under p(x|z)\n(paler: lower probability)", fontsize=12)
