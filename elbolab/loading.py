@@ -47,7 +47,18 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
     if weights == "best" and not weights_path.is_file():
         raise CheckpointError(f"{run_dir} has no {BEST_WEIGHTS}: train with --keep-best to keep the best-on-validation "
                               "weights, or use the last ones (--weights last)")
-    restore = "restore config.json from a copy of the run, or train again"
+    model, config = model_from_config(config_path)
+    check_weights(model, config, load_tensors(weights_path), weights_path, config_path)
+    model.eval()
+    return model, config
+
+
+RESTORE = "restore config.json from a copy of the run, or train again"
+
+
+def model_from_config(config_path: Path) -> tuple[torch.nn.Module, dict]:
+    """The model a run's config.json describes, freshly initialised, and the config (upgraded to today's form)."""
+    restore = RESTORE
     config = upgrade_run_config(read_json(config_path))
     if not isinstance(config, dict):
         raise CheckpointError(
@@ -71,8 +82,15 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
         model = cls(cls.config_class.from_dict(options))
     except (ElbolabError, TypeError, ValueError) as error:
         raise CheckpointError(f"{config_path} does not describe a valid model ({error}); {restore}") from None
+    return model, config
 
-    weights, meta = load_tensors(weights_path)
+
+def check_weights(model: torch.nn.Module, config: dict, loaded: tuple[dict, dict | None], weights_path: Path,
+                  config_path: Path) -> None:
+    """Load the saved tensors into ``model`` after checking that they fit it: names, shapes, dtypes, the config
+    they were saved with, finite values; every misfit is one CheckpointError saying what differs."""
+    restore, (weights, meta) = RESTORE, loaded
+    name, options, cls = config["model"], config["model_config"], type(model)
     expected = model.state_dict()
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -119,8 +137,6 @@ def load_run(run_dir, weights: str = "last") -> tuple[torch.nn.Module, dict]:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:  # e.g. a dtype torch cannot copy
         raise CheckpointError(f"{weights_path} does not fit the model in config.json ({error}); {restore}") from None
-    model.eval()
-    return model, config
 
 
 

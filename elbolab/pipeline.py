@@ -95,22 +95,7 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
     data = "digits" if data is None else data
     cls = get_model_class(model_name)
     model_options, train_options, data_options, beta_sugar = split_options(cls, options)
-    from elbolab.data.memory import is_in_memory, load_in_memory
-
-    if is_in_memory(data):  # x or (x, y) from Python: checked and split here; config.json describes, not stores it
-        splits, data_info = load_in_memory(data, binarize=data_options.get("binarize", "none"),
-                                           seed=train_options.get("seed", 0), val_size=data_options.get("val_size"))
-        splits = splits.with_train_size(data_options.get("train_size"))
-        data_info["train_size"] = data_options.get("train_size")
-    else:
-        if data not in available_sources():
-            data = str(Path(data).resolve())
-        data_dir = data_options.get("data_dir")
-        data_info = {"source": data, "binarize": data_options.get("binarize", "none"),
-                     "seed": train_options.get("seed", 0), "val_size": data_options.get("val_size"),
-                     "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-                     "train_size": data_options.get("train_size")}
-        splits = load_run_data(data_info)
+    splits, data_info = _training_data(data, data_options, seed=train_options.get("seed", 0))
     model_config = cls.config_class.from_data(splits.train, **model_options)
     low, high = splits.train.value_range()
     support = LIKELIHOODS[model_config.likelihood].support
@@ -206,6 +191,25 @@ def settings_from_file(path) -> tuple[str | None, str | None, dict]:
     if model is not None and not isinstance(model, str) or data is not None and not isinstance(data, str):
         raise ElbolabError(f"--config: expected model and data as names or paths in {path}, got {model!r}, {data!r}")
     return model, data, options
+
+
+def _training_data(data, data_options: dict, *, seed: int):
+    """(splits, the "data" entry of config.json) for a source name, a path, or arrays from Python."""
+    from elbolab.data.memory import is_in_memory, load_in_memory
+
+    if is_in_memory(data):  # x or (x, y) from Python: checked and split here; config.json describes, not stores it
+        splits, data_info = load_in_memory(data, binarize=data_options.get("binarize", "none"), seed=seed,
+                                           val_size=data_options.get("val_size"))
+        data_info["train_size"] = data_options.get("train_size")
+        return splits.with_train_size(data_options.get("train_size")), data_info
+    if data not in available_sources():
+        data = str(Path(data).resolve())
+    data_dir = data_options.get("data_dir")
+    data_info = {"source": data, "binarize": data_options.get("binarize", "none"), "seed": seed,
+                 "val_size": data_options.get("val_size"),
+                 "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                 "train_size": data_options.get("train_size")}
+    return load_run_data(data_info), data_info
 
 
 def _resume_settings(out: Path, model_name, data, options: dict):

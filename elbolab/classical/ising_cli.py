@@ -181,7 +181,6 @@ def denoise_command(
         _check_image_memory(height, width, f"denoising {image} ({width} x {height} pixels)", lambda budget: (
             f"shrink it to at most {round_down(budget // BYTES_PER_PIXEL)} pixels"))
 
-    import numpy as np
 
     from elbolab.classical.images import add_gaussian_noise, builtin_image, error_rate, flip_pixels, load_png, save_png
     from elbolab.classical.ising import IsingDenoiser, IsingModel
@@ -208,16 +207,7 @@ def denoise_command(
     save_png(denoiser.predict(), out / "denoised.png")
     save_png(denoiser.posterior_mean_, out / "posterior_mean.png")
 
-    curve = denoiser.elbo_history_ or denoiser.log_joint_history_
-    label = "ELBO" if denoiser.elbo_history_ else ("log p~(z|x) of the state" if method == "icm"
-                                                  else "mean log p~(z|x) of the samples")
-    fig = _figure()
-    ax = fig.add_subplot()
-    first = 0 if denoiser.elbo_history_ else 1  # the ELBO history starts at the initialisation
-    ax.plot(np.arange(first, first + len(curve)), curve)
-    ax.set(xlabel="sweep", ylabel=label, title=f"{method}: {label} per sweep")
-    fig.tight_layout()
-    fig.savefig(out / "elbo.png")
+    _plot_sweeps(denoiser, method, out / "elbo.png")
 
     result = {
         "image": "builtin" if image is None else str(image), "shape": list(clean.shape), "noise": noise,
@@ -230,14 +220,7 @@ def denoise_command(
         "seconds": elapsed,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    fits = {method: (denoiser, elapsed)}
-    for other in ("meanfield", "icm", "gibbs") if compare else ():
-        if other != method:
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the comparison's own convergence notes are in its table row
-                fitted = IsingDenoiser(**{**denoiser.get_params(), "method": other}).fit(noisy)
-            fits[other] = (fitted, time.perf_counter() - start)
+    fits = {method: (denoiser, elapsed), **(_other_methods(denoiser, noisy) if compare else {})}
     write_denoise_report(out, clean, noisy, fits, result, spread)
     typer.echo(f"{method}: pixel error {result['error_rate_noisy']:.4f} (noisy) -> "
                f"{result['error_rate_denoised']:.4f} (denoised) after {denoiser.n_sweeps_} sweeps; wrote {out}")
@@ -245,6 +228,37 @@ def denoise_command(
               for name, (fitted, seconds) in fits.items() if name != method]
     if others:
         typer.echo("for comparison, same model and settings: " + ", ".join(others) + f"; see {out / 'index.html'}")
+
+
+def _plot_sweeps(denoiser, method: str, path: Path) -> None:
+    """The ELBO (mean field) or the log joint (ICM, Gibbs) per sweep."""
+    import numpy as np
+
+    curve = denoiser.elbo_history_ or denoiser.log_joint_history_
+    label = "ELBO" if denoiser.elbo_history_ else ("log p~(z|x) of the state" if method == "icm"
+                                                  else "mean log p~(z|x) of the samples")
+    fig = _figure()
+    ax = fig.add_subplot()
+    first = 0 if denoiser.elbo_history_ else 1  # the ELBO history starts at the initialisation
+    ax.plot(np.arange(first, first + len(curve)), curve)
+    ax.set(xlabel="sweep", ylabel=label, title=f"{method}: {label} per sweep")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _other_methods(denoiser, noisy) -> dict:
+    """The other two methods on the same model and settings, for the comparison: {method: (fit, seconds)}."""
+    from elbolab.classical.ising import IsingDenoiser
+
+    fits = {}
+    for other in ("meanfield", "icm", "gibbs"):
+        if other != denoiser.method:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the comparison's own convergence notes are in its table row
+                fitted = IsingDenoiser(**{**denoiser.get_params(), "method": other}).fit(noisy)
+            fits[other] = (fitted, time.perf_counter() - start)
+    return fits
 
 
 def write_curve_report(out: Path, result, line, summary: dict) -> Path:
