@@ -15,16 +15,30 @@ from pathlib import Path
 
 import torch
 
-from elbolab import runs
+from elbolab import plots, runs
 from elbolab.config import BETA_SUGAR, TrainConfig, beta_schedule, check_device, upgrade_run_config
 from elbolab.data import available_sources
 from elbolab.data.core import Batch
+from elbolab.data.memory import is_in_memory, load_in_memory
+from elbolab.disentanglement import disentanglement_scores, model_encoder, run_factor_data
 from elbolab.errors import CheckpointError, ElbolabError, TrainingInterrupted
+from elbolab.estimators import model_tensor
+from elbolab.evaluate import (
+    ais_evaluation,
+    bdmc_evaluation,
+    collapse_check,
+    evaluate_model,
+    importance_diagnostics,
+    paired_difference,
+)
+from elbolab.figures.traversals import traverse
 from elbolab.likelihoods import LIKELIHOODS
 from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
+from elbolab.outputs import check_memory, check_output_file, round_down
 from elbolab.progress import format_duration
 from elbolab.records import SCHEMA_VERSION, Evaluation
+from elbolab.report import write_report
 from elbolab.trainer import Trainer
 
 DATA_OPTIONS = ("binarize", "val_size", "data_dir", "train_size")
@@ -195,8 +209,6 @@ def settings_from_file(path) -> tuple[str | None, str | None, dict]:
 
 def _training_data(data, data_options: dict, *, seed: int):
     """(splits, the "data" entry of config.json) for a source name, a path, or arrays from Python."""
-    from elbolab.data.memory import is_in_memory, load_in_memory
-
     if is_in_memory(data):  # x or (x, y) from Python: checked and split here; config.json describes, not stores it
         splits, data_info = load_in_memory(data, binarize=data_options.get("binarize", "none"), seed=seed,
                                            val_size=data_options.get("val_size"))
@@ -244,8 +256,6 @@ def _run_schedules(out: Path) -> dict:
 def _training_summary(model, val, history: list[dict], out: Path, seconds: float) -> dict:
     """Best validation ELBO over the whole run (every session, from metrics.jsonl), the last epoch, this session's
     wall time and a posterior-collapse check; saved in manifest.json, returned with the lines to print."""
-    from elbolab.evaluate import collapse_check
-
     records, _ = runs.read_metrics(out / runs.METRICS)
     val_records = [r for r in records if r.get("split") == "val" and isinstance(r.get("elbo"), (int, float))]
     epochs = [r["epoch"] for r in records if isinstance(r.get("epoch"), int)]
@@ -292,8 +302,6 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     ``ais_steps``: also annealed importance sampling with that many steps (``ais_chains`` chains, ``ais_leapfrog``
     leapfrog steps per HMC transition) on the first ``ais_examples`` examples; ``bdmc_examples``: also bidirectional
     Monte Carlo with the same settings on that many examples simulated from the model (``elbolab.ais``)."""
-    from elbolab.evaluate import evaluate_model, importance_diagnostics, paired_difference
-
     if split not in ("test", "train", "val"):
         raise ElbolabError(f"expected --split test, train or val, got {split!r}")
     if k < 1:
@@ -304,8 +312,6 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     splits = load_run_data(config["data"], data_dir)
     data = getattr(splits, split)
     if disentanglement:  # refused before the long log p(x) run when the data have no known factors
-        from elbolab.disentanglement import disentanglement_scores, model_encoder, run_factor_data
-
         factors = run_factor_data(config["data"], data_dir)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -332,8 +338,6 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
                   weights=f"{runs.WEIGHTS if weights == 'last' else runs.BEST_WEIGHTS} ({weights}"
                           + (f", epoch {epoch})" if epoch else ")"))
     diagnostics = importance_diagnostics(model, data, k=k, estimate=estimate, seed=seed)
-    from elbolab import plots
-
     plots.plot_is_diagnostics(diagnostics, Path(run_dir) / runs.FIGURES / f"is_diagnostics_{split}.png",
                               split=split)
     if disentanglement:
@@ -394,8 +398,6 @@ def _announce_cost(model, data, k: int, progress: bool) -> None:
     seconds, and refuse what cannot finish within a week."""
     import time as clock
 
-    from elbolab.estimators import model_tensor
-
     n = min(8, len(data))
     batch = data.batch(torch.arange(n), torch.Generator().manual_seed(0)).to(model_tensor(model))
     k_probe = min(k, 64)
@@ -418,8 +420,6 @@ def _announce_cost(model, data, k: int, progress: bool) -> None:
 def _sandwich(model, data, *, ais_steps: int, ais_chains: int, ais_leapfrog: int, ais_examples: int,
               bdmc_examples: int, seed: int) -> dict:
     """AIS on the evaluated examples and BDMC on simulated ones (``eval --ais-steps``, ``--bdmc``)."""
-    from elbolab.evaluate import ais_evaluation, bdmc_evaluation
-
     if not getattr(model, "has_posterior", True) or not hasattr(model, "prior"):
         raise ElbolabError("--ais-steps / --bdmc need a model with a prior and a decoder (not an autoencoder)")
     steps = ais_steps or 100
@@ -450,9 +450,6 @@ def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite:
     """Draw ``n`` samples of the run's model (decoder means of z ~ p(z)) into the PNG grid ``out`` (default
     samples.png in the current folder; the run folder is never changed). An existing ``out`` is replaced only with
     ``overwrite=True``; ``n`` is refused when the samples and their picture would not fit in memory."""
-    from elbolab import plots
-    from elbolab.outputs import check_memory, check_output_file, round_down
-
     if n < 1:
         raise ElbolabError(f"expected -n >= 1, got {n}")
     model, _ = load_run(run_dir)
@@ -479,8 +476,6 @@ def traverse_run(run_dir, *, dims: Sequence[int] | None = None, steps: int = 9, 
     """``elbolab traverse RUN``: traversals of a trained run around image ``index`` of its ``split``, written into
     ``out_dir`` (default RUN/figures); the KL labels average over the first ``n_kl`` images of the split.
     ``data_dir`` overrides the run's (as for ``elbolab eval``)."""
-    from elbolab.figures.traversals import traverse
-
     if split not in ("train", "val", "test"):
         raise ElbolabError(f"traverse: expected --split train, val or test, got {split!r}")
     model, config = load_run(run_dir, weights)
@@ -498,8 +493,6 @@ def encode(run_dir, out, *, split: str = "test", data_dir=None, overwrite: bool 
     when it has them, to ``out``: .npy (codes only), .npz (``z`` and ``y``) or .csv (z1..zd, y). Returns (path, shape).
     The run folder is never written."""
     import numpy as np
-
-    from elbolab.outputs import check_output_file
 
     suffix = Path(out).suffix.lower()
     if suffix not in (".npy", ".npz", ".csv"):
@@ -533,6 +526,4 @@ def encode(run_dir, out, *, split: str = "test", data_dir=None, overwrite: bool 
 
 def report(run_dir) -> Path:
     """Rebuild RUN/index.html from what the run folder holds (figures are drawn by ``make_figures``)."""
-    from elbolab.report import write_report
-
     return write_report(run_dir)

@@ -17,6 +17,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from elbolab.errors import CheckpointError
 from elbolab.records import Estimate, Evaluation
 
+# The classical commands (gmm fit, denoise, functional) write their reports with this module and must start without
+# torch: what needs torch or matplotlib (the explorer, loading a run, the plots) is imported where it is used.
+
 __all__ = ["write_report", "write_command_report", "figure_html", "table_html", "note_html"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
