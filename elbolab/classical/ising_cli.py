@@ -59,6 +59,37 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _convergence_png(fits: dict) -> bytes:
+    """The mean-field ELBO per sweep, and the ICM state's and Gibbs samples' log p~(z|x), as one PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 2, 1)
+    if "meanfield" in fits:
+        elbo = fits["meanfield"][0].elbo_history_
+        ax.plot(np.arange(len(elbo)), elbo, color="C0")
+        ax.set(xlabel="sweep (0 = initialisation; log scale beyond 1)", ylabel="ELBO (nats)",
+               title="mean-field: ELBO per sweep")
+        ax.set_xscale("symlog", linthresh=1.0)  # the first sweeps change the most
+    else:
+        ax.set_axis_off()
+    ax = fig.add_subplot(1, 2, 2)
+    for colour, method in (("C1", "icm"), ("C2", "gibbs")):
+        if method in fits:
+            curve = fits[method][0].log_joint_history_
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=colour, label=METHOD_NAMES[method])
+    ax.set(xlabel="sweep (log scale)", ylabel="log p~(z | x) (nats)", title="ICM state and Gibbs samples: "
+           "unnormalised log posterior")
+    ax.set_xscale("log")
+    if ax.lines:
+        ax.legend(loc="lower right")
+    else:
+        ax.set_axis_off()
+    fig.tight_layout()
+    return _png(fig)
+
+
 def write_denoise_report(out: Path, clean, noisy, fits: dict, result: dict, noisy_spread: float) -> Path:
     """index.html of a ``denoise`` folder: clean, noisy and each method's estimate side by side with its pixel
     error rate, the mean-field ELBO per sweep (and ICM's and Gibbs's log p~(z|x)), a table of the methods.
@@ -88,30 +119,7 @@ def write_denoise_report(out: Path, clean, noisy, fits: dict, result: dict, nois
     fig.tight_layout()
     images_png = _png(fig)
 
-    fig = Figure(figsize=(11, 3.6), dpi=100)
-    ax = fig.add_subplot(1, 2, 1)
-    if "meanfield" in fits:
-        elbo = fits["meanfield"][0].elbo_history_
-        ax.plot(np.arange(len(elbo)), elbo, color="C0")
-        ax.set(xlabel="sweep (0 = initialisation; log scale beyond 1)", ylabel="ELBO (nats)",
-               title="mean-field: ELBO per sweep")
-        ax.set_xscale("symlog", linthresh=1.0)  # the first sweeps change the most
-    else:
-        ax.set_axis_off()
-    ax = fig.add_subplot(1, 2, 2)
-    for colour, method in (("C1", "icm"), ("C2", "gibbs")):
-        if method in fits:
-            curve = fits[method][0].log_joint_history_
-            ax.plot(np.arange(1, len(curve) + 1), curve, color=colour, label=METHOD_NAMES[method])
-    ax.set(xlabel="sweep (log scale)", ylabel="log p~(z | x) (nats)", title="ICM state and Gibbs samples: "
-           "unnormalised log posterior")
-    ax.set_xscale("log")
-    if ax.lines:
-        ax.legend(loc="lower right")
-    else:
-        ax.set_axis_off()
-    fig.tight_layout()
-    curves_png = _png(fig)
+    curves_png = _convergence_png(fits)
 
     rows = []
     for method, (fitted, seconds) in fits.items():
