@@ -251,12 +251,31 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=split)
+        _clip_first_epoch_outlier(ax, [f[key] for split in table for f in table[split].values() if key in f])
         ax.set_title(title, fontsize=10)
+        if x_key == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, no 0.5 ticks
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _clip_first_epoch_outlier(ax, values: list[float]) -> None:
+    """When one value (typically the first epoch's) lies far outside the rest, set the y-range to the rest so the
+    curve stays readable, and say so on the axis (the value itself stays in metrics.jsonl)."""
+    finite = np.array([v for v in values if np.isfinite(v)], dtype=float)
+    if len(finite) < 4:
+        return
+    median = np.median(finite)
+    deviation = max(np.median(np.abs(finite - median)), 1e-12)  # robust to the outlier itself
+    inliers = finite[np.abs(finite - median) <= 50 * deviation]
+    if len(inliers) < len(finite):
+        margin = max(0.1 * (inliers.max() - inliers.min()), deviation)
+        ax.set_ylim(inliers.min() - margin, inliers.max() + margin)
+        ax.annotate("an outlier (epoch 1?) is off the scale", xy=(0.02, 0.02), xycoords="axes fraction",
+                    fontsize=7, color="#666666")
 
 
 # ----------------------------------------------------------------------------------------- latent space
@@ -355,11 +374,13 @@ def project_2d(z, method: str = "auto") -> tuple[np.ndarray, str]:
 
 
 def label_vector(labels, n: int, label_name: str | None) -> tuple[np.ndarray, str]:
-    """Labels [N] (class ids) or [N, F] (factors: the first one is used) -> ([N] values, legend title)."""
+    """Labels [N] (class ids) or [N, F] (factors: the first that varies is used; a constant factor, such as the
+    sprites' colour, would paint every point one colour) -> ([N] values, legend title)."""
     lab = _to_numpy(labels, "labels")
     if lab.ndim == 2 and lab.shape[1] >= 1:
-        title = label_name or ("label" if lab.shape[1] == 1 else f"factor 0 (of {lab.shape[1]})")
-        lab = lab[:, 0]
+        column = next((j for j in range(lab.shape[1]) if len(np.unique(lab[:, j])) > 1), 0)
+        title = label_name or ("label" if lab.shape[1] == 1 else f"factor {column} (of {lab.shape[1]})")
+        lab = lab[:, column]
     elif lab.ndim <= 1:
         lab, title = lab.reshape(-1), label_name or "label"
     else:

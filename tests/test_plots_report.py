@@ -661,3 +661,32 @@ def test_the_manifold_of_a_many_dimensional_latent_sweeps_its_two_most_informati
     kl = torch.tensor([0.1, 3.0, 0.0, 0.2, 2.0])
     model.kl_terms = lambda batch: {"z": kl.expand(4, 5)}
     assert most_informative_pair(model, torch.rand(4, 6)) == (1, 4)
+
+
+def test_a_first_epoch_far_off_the_rest_does_not_flatten_the_curve():
+    from elbolab.plots import _clip_first_epoch_outlier, plt
+
+    fig, ax = plt.subplots()
+    values = [-158826.0] + [-120.0 + i for i in range(9)]
+    ax.plot(range(10), values)
+    _clip_first_epoch_outlier(ax, values)
+    low, high = ax.get_ylim()
+    assert -140 < low < -120 and -110 < high < -90  # the other epochs fill the axis
+    fig2, ax2 = plt.subplots()
+    smooth = [-200.0 + 10 * i for i in range(10)]  # an ordinary curve: left alone
+    ax2.plot(range(10), smooth)
+    before = ax2.get_ylim()
+    _clip_first_epoch_outlier(ax2, smooth)
+    assert ax2.get_ylim() == before
+    plt.close(fig)
+    plt.close(fig2)
+
+
+def test_the_latent_scatter_is_coloured_by_a_factor_that_varies():
+    import numpy as np
+
+    from elbolab.plots import label_vector
+
+    factors = np.stack([np.zeros(6), np.array([0, 1, 2, 0, 1, 2]), np.arange(6)], 1)  # a constant first factor
+    values, title = label_vector(factors, 6, None)
+    assert list(values) == [0, 1, 2, 0, 1, 2] and title == "factor 1 (of 3)"
