@@ -31,6 +31,7 @@ _FIGURE_KINDS = (
     ("reconstructions", ("recon",), "Inputs (top) and their reconstructions (beneath)"),
     ("curves", ("curve",), "Training curves by epoch, train vs val"),
     ("manifold", ("manifold",), "Latent manifold: decoder mean over a grid of normal quantiles"),
+    ("cluster_scatter", ("cluster_scatter",), "Latent codes coloured by their cluster and by their class"),
     ("latent_scatter", ("scatter",),
      "Latent codes coloured by label: 2-D (or a projection), or a histogram for a 1-D latent"),
     ("is_diagnostics", ("is_diagnostics",),

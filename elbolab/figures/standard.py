@@ -12,7 +12,8 @@ from elbolab.figures.toy import plot_toy_regions
 
 
 @torch.no_grad()
-def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0) -> list[Path]:
+def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int = 0,
+                     scatter: bool = True) -> list[Path]:
     """The default figures of a model: samples, reconstructions, training curves, 2-D manifold (latent_dim == 2)
     and the latent scatter (a histogram for one latent dimension)."""
 
@@ -41,7 +42,8 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
     if test.meta.get("toy") == "xor" and model.config.latent_dim == 2:  # notes 002 s4.10: each point's region
         paths.append(plot_toy_regions(model, xor_points(), fig_dir / "toy_regions.png"))
     means = next(iter(model.latent_means(batch).values()))
-    paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
+    if scatter:  # a model with its own picture of the codes (VaDE's clusters) leaves this one out
+        paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
     return paths
 
 

@@ -33,6 +33,7 @@ from elbolab.clustering import clustering_scores
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
 from elbolab.figures.clusters import cluster_figures, save_latent_snapshot
+from elbolab.figures.standard import standard_figures
 from elbolab.models.base import LatentVariableModel, LossOutput, ModelConfig, option
 from elbolab.models.registry import register_model
 from elbolab.networks import MixturePrior
@@ -281,4 +282,4 @@ class VaDE(LatentVariableModel):
             save_latent_snapshot(self, val, run_dir, epoch)
 
     def figures(self, run_dir, splits) -> list:
-        return super().figures(run_dir, splits) + cluster_figures(self, run_dir, splits)
+        return standard_figures(self, run_dir, splits, scatter=False) + cluster_figures(self, run_dir, splits)
