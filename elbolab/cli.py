@@ -194,8 +194,9 @@ def train_command(
                                                               "'elbolab models NAME' lists them"),
     schedule: list[str] = typer.Option(None, "--schedule", help="NAME=SPEC (repeatable): constant:v, "
                                        "linear:v0:v1:epochs[:start], cyclical:vmax:period:ratio, "
-                                       "step:v0:factor:every; e.g. free_bits=constant:0.25, beta=cyclical:1:10:0.5, "
-                                       "lr=step:0.002:0.9:10"),
+                                       "step:v0:factor:every, geometric:v0:factor:first:growth; e.g. "
+                                       "free_bits=constant:0.25, beta=cyclical:1:10:0.5, lr=step:0.002:0.9:10, "
+                                       "lr=geometric:0.001:0.7196857:1:3 (the IWAE paper's)"),
     init_from: Path = typer.Option(None, "--init-from", help="copy the matching weights of a trained run first "
                                    "(refused when less than half of this model's tensors match)"),
     init_partial: bool = typer.Option(False, "--init-partial", help="with --init-from: copy whatever matches, "

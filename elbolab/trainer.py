@@ -416,26 +416,32 @@ ESTIMATE_AFTER_STEPS = 20
 
 
 class StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop at the next safe point (after a checkpoint); a second one stops at
-    once. Installed only in a single process whose SIGINT handler is Python's default (not under torchrun, not when
-    the caller handles SIGINT itself)."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (a scheduler's or a session's end, a background job's kill) asks the loop
+    to stop at the next safe point, after a checkpoint; a second Ctrl-C stops at once. Installed only in a single
+    process, for each signal whose handler is still Python's default (not under torchrun, not when the caller
+    handles the signal itself; a background job whose SIGINT is ignored still gets SIGTERM)."""
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self, enabled: bool):
-        self.enabled, self.requested, self._previous = enabled, False, None
+        self.enabled, self.requested, self._previous = enabled, False, {}
 
     def __enter__(self) -> StopOnInterrupt:
-        self._previous = signal.getsignal(signal.SIGINT)
-        self.enabled = self.enabled and self._previous is signal.default_int_handler
         if self.enabled:
-            signal.signal(signal.SIGINT, self._request)
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = default
+                    signal.signal(signum, self._request)
         return self
 
     def _request(self, signum, frame) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step (Ctrl-C again to stop at once, without a checkpoint)", file=sys.stderr,
-              flush=True)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        what = "Ctrl-C again to stop at once, without a checkpoint" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\nstopping after this step ({what})", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

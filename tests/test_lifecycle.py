@@ -52,8 +52,8 @@ class _Trouble(VAE):
             return out
         self.calls += 1
         if self.calls == type(self).at:
-            if self.kind == "sigint":
-                signal.raise_signal(signal.SIGINT)  # to this thread: handled now, not when another thread runs
+            if self.kind in ("sigint", "sigterm"):  # to this thread: handled now, not when another thread runs
+                signal.raise_signal(signal.SIGINT if self.kind == "sigint" else signal.SIGTERM)
             elif self.kind == "crash":
                 raise RuntimeError("simulated crash")
             elif self.kind == "nan-loss":
@@ -144,6 +144,19 @@ def test_ctrl_c_stops_at_a_safe_point_and_resume_is_exact_mid_epoch(tmp_path, ca
             k: v for k, v in rb.items() if k not in ("time", "seconds")}
     manifest = json.loads((resumed / runs.MANIFEST).read_text())
     assert len(manifest["resumes"]) == 1 and manifest["resumes"][0]["from_step"] == STEPS_PER_EPOCH + 7
+
+
+def test_sigterm_stops_at_a_safe_point_too_and_resume_is_exact(tmp_path):
+    # a session's end or a scheduler sends SIGTERM (a background job ignores SIGINT): a checkpoint, not a loss
+    opts = dict(QUIET, binarize="dynamic", seed=6)
+    straight = pipeline.train("test-trouble", "digits", out=tmp_path / "straight", epochs=2, **opts)
+    _trouble("sigterm", STEPS_PER_EPOCH + 3)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        pipeline.train("test-trouble", "digits", out=tmp_path / "stopped", epochs=2, **opts)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    _trouble("sigint", 10**9)
+    resumed = pipeline.train(out=tmp_path / "stopped", resume=True, figures=False)
+    _assert_same_weights(straight, resumed)
 
 
 def test_cli_ctrl_c_exits_130_and_says_how_to_continue(tmp_path, capsys):
