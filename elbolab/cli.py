@@ -149,7 +149,8 @@ def models_command(name: str = typer.Argument(None, help="a model name: list its
 # every name here is a field of ModelConfig or TrainConfig, or a data option.
 MODEL_FLAGS = {"latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation", "arch": "architecture",
                "likelihood": "likelihood", "sigma": "sigma", "encoder_covariance": "encoder_covariance"}
-TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "adam_eps": "adam_eps", "beta": "beta",
+TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "adam_eps": "adam_eps",
+               "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "beta": "beta",
                "kl_warmup": "kl_warmup_epochs", "mc_samples": "mc_samples", "seed": "seed",
                "checkpoint_every": "checkpoint_every", "keep_best": "keep_best", "device": "device",
                "precision": "precision"}
@@ -185,6 +186,8 @@ def train_command(
     batch_size: int = typer.Option(128, "--batch-size", help="examples per optimiser step (global under torchrun)"),
     lr: float = typer.Option(1e-3, help="Adam's learning rate (a schedule: --schedule lr=SPEC)"),
     adam_eps: float = typer.Option(1e-8, "--adam-eps", help="Adam's epsilon"),
+    adam_beta1: float = typer.Option(0.9, "--adam-beta1", help="Adam's beta1 (the IWAE paper's code: 0.99)"),
+    adam_beta2: float = typer.Option(0.999, "--adam-beta2", help="Adam's beta2"),
     beta: float = typer.Option(None, help=f"weight of the KL term (the beta schedule, constant) {MODEL_DEFAULT}"),
     kl_warmup: float = typer.Option(0.0, "--kl-warmup", help="epochs of linear KL warm-up from 0 to beta (the beta "
                                                               "schedule)"),

@@ -126,6 +126,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # the IWAE paper's released code uses 0.99
+    adam_beta2: float = 0.999
     mc_samples: int = 1
     seed: int = 0
     progress: bool = True  # a progress bar (on a terminal) and one line per epoch
@@ -145,6 +147,8 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size >= 1", self.batch_size),
             (self.lr > 0 and math.isfinite(self.lr), "a positive finite learning rate, e.g. 1e-3", self.lr),
             (self.adam_eps > 0, "adam_eps > 0", self.adam_eps),
+            (0 <= self.adam_beta1 < 1, "0 <= adam_beta1 < 1", self.adam_beta1),
+            (0 <= self.adam_beta2 < 1, "0 <= adam_beta2 < 1", self.adam_beta2),
             (self.mc_samples >= 1, "mc_samples >= 1", self.mc_samples),
             (self.checkpoint_every >= 0, "checkpoint_every >= 0 steps (0: at epoch ends only)",
              self.checkpoint_every),

@@ -73,7 +73,8 @@ class Trainer:
         unknown = set(options) - set(self.groups)
         if unknown:
             raise ElbolabError(f"optimizer_options names groups {sorted(unknown)} that parameter_groups lacks")
-        self.optimizers = {name: adam(params, {"lr": config.lr, "eps": config.adam_eps, **options.get(name, {})})
+        defaults = {"lr": config.lr, "eps": config.adam_eps, "betas": (config.adam_beta1, config.adam_beta2)}
+        self.optimizers = {name: adam(params, {**defaults, **options.get(name, {})})
                            for name, params in self.groups.items()}
         self._base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
         self.schedules = parse_schedules(config.schedule_specs(model.scheduled_defaults()))

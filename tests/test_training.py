@@ -169,3 +169,14 @@ def test_the_geometric_schedule_is_the_iwae_papers_learning_rate():
         assert lr(end) == pytest.approx(1e-3 * 10 ** (-(i + 1) / 7), rel=1e-6)
     with pytest.raises(ElbolabError, match="growth >= 1"):
         Schedule.parse("geometric:0.001:0.7:1:0.5", "lr")
+
+
+def test_adams_betas_reach_every_optimiser_and_are_checked(tmp_path):
+    from elbolab.models import ModelConfig, build_model
+
+    model = build_model("vae", ModelConfig(input_dim=8, latent_dim=2, hidden=(4,)))
+    trainer = Trainer(model, TrainConfig(adam_beta1=0.99, progress=False, tensorboard=False), tmp_path / "r",
+                      model_name="vae")
+    assert trainer.optimizers["model"].param_groups[0]["betas"] == (0.99, 0.999)
+    with pytest.raises(ElbolabError, match="adam_beta1 < 1"):
+        TrainConfig(adam_beta1=1.0)
