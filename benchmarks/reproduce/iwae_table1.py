@@ -109,7 +109,9 @@ def seconds_per_epoch(metrics: dict[int, dict], last: int = 20) -> float | None:
             and "seconds" in metrics[e]["train"]][-last:]
     if not secs:
         return None
-    return max(statistics.median(secs), statistics.fmean(secs))  # the slower of the two: load comes and goes
+    # the median: an epoch during which a neighbour paused this process (SIGSTOP, minutes) must not set the plan;
+    # the deadline is kept by re-planning after every chunk
+    return statistics.median(secs)
 
 
 def train_command(name: str, run: Path, target: int, args, resume: bool) -> list[str]:
@@ -216,7 +218,9 @@ def write_result(name: str, run: Path, args, evaluations: list[dict]) -> Path:
         "status": status,
         "epochs_done": done,
         "schedule_epochs": SCHEDULE_EPOCHS,
-        "train_hours": round(train_seconds / 3600, 3),
+        "train_hours": round(train_seconds / 3600, 3),  # wall seconds of the epochs, pauses included
+        "slow_epochs": [e for e in sorted(metrics) if "train" in metrics[e] and spe
+                        and metrics[e]["train"].get("seconds", 0) > 5 * spe],  # paused or starved (> 5x median)
         "wall_hours_chunks": round(sum(s.get("wall_seconds", 0.0) for s in sessions) / 3600, 3),
         "seconds_per_epoch_recent": round(spe, 3) if spe else None,
         "cpu": cpu_model(),
