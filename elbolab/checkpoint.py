@@ -9,7 +9,7 @@ import torch
 
 from elbolab.config import option_defaults
 from elbolab.errors import CheckpointError
-from elbolab.runs import config_mismatch, dtype_mismatches, load_tensors, save_tensors
+from elbolab.runs import config_mismatch, load_tensors, save_tensors, tensors_misfit
 
 _RESTORE = "restore the run folder from a copy, or start again with --overwrite"
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # Adam's state tensors shaped and typed like their parameter
@@ -62,32 +62,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, to
 def _check_model_tensors(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """One line for the first way the checkpoint's ``model.*`` tensors do not fit the model: names, shapes,
     dtypes (torch's load_state_dict would print a dump of every tensor, or cast a dtype silently)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match the model config.json describes ({len(missing)} tensor(s) missing, e.g. "
-            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); config.json was edited or comes "
-            f"from another run: {_RESTORE}"
-        )
-    shapes = [(k, list(weights[k].shape), list(v.shape)) for k, v in expected.items() if weights[k].shape != v.shape]
-    if shapes:
-        name, got, want = shapes[0]
-        more = f" (and {len(shapes) - 1} more tensor(s) differ)" if len(shapes) > 1 else ""
-        raise CheckpointError(
-            f"{path} does not match config.json: tensor 'model.{name}' has shape {got} in the checkpoint but the "
-            f"model config.json describes needs {want}{more}; config.json was edited or comes from another run: "
-            f"{_RESTORE}"
-        )
-    dtypes = dtype_mismatches(weights, {k: v.dtype for k, v in expected.items()})
-    if dtypes:
-        name, found, want = dtypes[0]
-        more = f" (and {len(dtypes) - 1} more tensor(s))" if len(dtypes) > 1 else ""
-        raise CheckpointError(
-            f"{path}: tensor 'model.{name}' is {found}, expected {want} (the dtype elbolab trains and saves){more}; "
-            f"the file was converted or damaged and a resume would not continue the saved state: {_RESTORE}"
-        )
+    misfit = tensors_misfit(weights, model.state_dict(), prefix="model.", held_in="the checkpoint")
+    if misfit is None:
+        return
+    kind, phrase = misfit
+    if kind == "names":
+        raise CheckpointError(f"{path} does not match the model config.json describes ({phrase}); config.json was "
+                              f"edited or comes from another run: {_RESTORE}")
+    if kind == "shape":
+        raise CheckpointError(f"{path} does not match config.json: {phrase}; config.json was edited or comes from "
+                              f"another run: {_RESTORE}")
+    raise CheckpointError(f"{path}: {phrase}; the file was converted or damaged and a resume would not continue the "
+                          f"saved state: {_RESTORE}")
 
 
 def _check_optimizer_tensors(path: Path, tensors: dict[str, torch.Tensor], group: str,

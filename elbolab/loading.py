@@ -20,10 +20,10 @@ from elbolab.runs import (
     WEIGHTS,
     config_mismatch,
     describe_nonfinite,
-    dtype_mismatches,
     load_tensors,
     nonfinite_tensors,
     read_json,
+    tensors_misfit,
 )
 
 
@@ -91,35 +91,18 @@ def check_weights(model: torch.nn.Module, config: dict, loaded: tuple[dict, dict
     they were saved with, finite values; every misfit is one CheckpointError saying what differs."""
     restore, (weights, meta) = RESTORE, loaded
     name, options, cls = config["model"], config["model_config"], type(model)
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_path} does not match the {name!r} model in config.json ({len(missing)} tensor(s) missing, "
-            f"e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); the two files come from "
-            f"different runs or config.json was edited: {restore}"
-        )
-    shapes = [(key, list(weights[key].shape), list(value.shape)) for key, value in expected.items()
-              if weights[key].shape != value.shape]
-    if shapes:
-        key, got, want = shapes[0]
-        settings = ", ".join(f"{k}={options[k]!r}" for k in ("input_dim", "latent_dim", "hidden") if k in options)
-        more = f" (and {len(shapes) - 1} more tensor(s) differ)" if len(shapes) > 1 else ""
-        raise CheckpointError(
-            f"{weights_path} does not match config.json: tensor {key!r} has shape {got} in the weights but the model "
-            f"config.json describes ({settings}) needs {want}{more}; config.json was edited or comes from another "
-            f"run: {restore}"
-        )
-    dtypes = dtype_mismatches(weights, {key: value.dtype for key, value in expected.items()})
-    if dtypes:
-        key, found, want = dtypes[0]
-        more = f" (and {len(dtypes) - 1} more tensor(s))" if len(dtypes) > 1 else ""
-        raise CheckpointError(
-            f"{weights_path}: tensor {key!r} is {found}, expected {want} (the dtype elbolab trains and saves){more}; "
-            "the file was converted or damaged and its values would be cast silently: restore it from a copy of the "
-            "run, or train again"
-        )
+    settings = ", ".join(f"{k}={options[k]!r}" for k in ("input_dim", "latent_dim", "hidden") if k in options)
+    misfit = tensors_misfit(weights, model.state_dict(), needs=f"the model config.json describes ({settings})")
+    if misfit is not None:
+        kind, phrase = misfit
+        if kind == "names":
+            raise CheckpointError(f"{weights_path} does not match the {name!r} model in config.json ({phrase}); the "
+                                  f"two files come from different runs or config.json was edited: {restore}")
+        if kind == "shape":
+            raise CheckpointError(f"{weights_path} does not match config.json: {phrase}; config.json was edited or "
+                                  f"comes from another run: {restore}")
+        raise CheckpointError(f"{weights_path}: {phrase}; the file was converted or damaged and its values would be "
+                              "cast silently: restore it from a copy of the run, or train again")
     differs = config_mismatch((meta or {}).get("config"), name, model.config.to_dict(),
                               option_defaults(cls.config_class), weights_path.name)
     if differs:

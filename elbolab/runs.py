@@ -266,6 +266,31 @@ def dtype_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch
             for name, dtype in expected.items() if name in tensors and tensors[name].dtype != dtype]
 
 
+def tensors_misfit(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, prefix: str = "",
+                   held_in: str = "the weights", needs: str = "the model config.json describes"
+                   ) -> tuple[str, str] | None:
+    """The first way saved ``tensors`` do not fit a model's state dict ``expected``, as ``(kind, phrase)`` with kind
+    "names", "shape" or "dtype" (checked in that order); None when they fit. One phrase, not torch's dump of every
+    tensor, and a dtype is never cast silently."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        return "names", (f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
+                         f"{unexpected[:3]}")
+    shapes = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if shapes:
+        name, got, want = shapes[0]
+        more = f" (and {len(shapes) - 1} more tensor(s) differ)" if len(shapes) > 1 else ""
+        return "shape", f"tensor '{prefix}{name}' has shape {got} in {held_in} but {needs} needs {want}{more}"
+    dtypes = dtype_mismatches(tensors, {k: v.dtype for k, v in expected.items()})
+    if dtypes:
+        name, found, want = dtypes[0]
+        more = f" (and {len(dtypes) - 1} more tensor(s))" if len(dtypes) > 1 else ""
+        return "dtype", (f"tensor '{prefix}{name}' is {found}, expected {want} (the dtype elbolab trains and "
+                         f"saves){more}")
+    return None
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     path = Path(path)
     if not path.is_file():
