@@ -87,6 +87,38 @@ def _parse_set(cls, pairs: list[str]) -> dict:
     return options
 
 
+THREADS_HELP = ("torch threads for this command [default: torch's own, one per core, or OMP_NUM_THREADS]; 1 is "
+                "often fastest for small models, and much faster when other processes keep cores busy")
+
+
+class _Threads:
+    """``--threads N`` for one command: torch.set_num_threads(N) on entry and the previous number back on exit (the
+    CLI also runs inside Python: tests, notebooks). Without it, torch's own number. Train and eval warn once when
+    more than one thread would wait on cores that other processes keep busy (``pipeline.warn_if_cores_busy``; not
+    when OMP_NUM_THREADS is set): a warning and an option rather than a default that follows the load, which would
+    make a command's speed depend on what else ran when it started (a long run begun beside a job about to end would
+    keep one thread for hours)."""
+
+    def __init__(self, threads: int | None):
+        if threads is not None and threads < 1:
+            raise ElbolabError(f"expected --threads N >= 1, got {threads}")
+        self.threads, self._before = threads, None
+
+    def __enter__(self) -> _Threads:
+        if self.threads is not None:
+            import torch
+
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is not None:
+            import torch
+
+            torch.set_num_threads(self._before)
+
+
 def _registered_models_from_source() -> dict[str, str] | None:
     """``{name: first docstring line}`` of the models registered by ``@register_model("name")`` in the model modules
     of elbolab/models (every module but the contracts; see elbolab/models/__init__.py), read from their source:
@@ -216,6 +248,7 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="delete the run in --out and start it again"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar and a line per epoch"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
     """Train a model and write a run folder with weights, metrics, figures and a report.
 
@@ -223,8 +256,9 @@ def train_command(
     from elbolab import pipeline
 
     model, data, init_from, options = _train_settings(ctx, model, data, init_from)
-    run = pipeline.train(model, data, out=out, init_from=init_from, init_partial=init_partial, resume=resume,
-                         overwrite=overwrite, **options)
+    with _Threads(threads):
+        run = pipeline.train(model, data, out=out, init_from=init_from, init_partial=init_partial, resume=resume,
+                             overwrite=overwrite, **options)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run written to {run}")
 
@@ -295,7 +329,7 @@ def _headline(result: dict) -> str:
             f"{log_px['mc_stderr']:.3f} (K = {log_px['k']}"
             + (f", mean ESS {log_px['ess_mean']:,.0f}" if log_px.get("ess_mean") is not None else "")
             + f", {log_px['n_examples']:,} examples"
-            f"{' (--limit)' if result.get('limit') else ''}; s.d. over examples "
+            f"{_subset_note(result)}; s.d. over examples "
             f"{log_px['sd_over_examples'] or 0:.2f})")
     if "elbo" in result:
         line += f"; ELBO {result['elbo']:.2f}"
@@ -316,6 +350,16 @@ def _headline(result: dict) -> str:
     return line
 
 
+def _subset_note(result: dict) -> str:
+    """' (--limit)', or what the default budget left out and how to score everything."""
+    if not result.get("limit"):
+        return ""
+    if result.get("limit_reason") == "budget":
+        of = f" of {result['split_size']:,}" if result.get("split_size") else ""
+        return f"{of}: the default budget; --full for all"
+    return " (--limit)"
+
+
 @app.command("eval")
 def eval_command(
     run_dir: Path = typer.Argument(..., help="a run folder written by 'elbolab train'"),
@@ -329,6 +373,9 @@ def eval_command(
     weights: str = typer.Option("last", help="last (end of training) | best (best val ELBO, needs --keep-best)"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
     limit: int = typer.Option(None, "--limit", help="only the first N examples of the split (a quick first look)"),
+    full: bool = typer.Option(False, "--full", help="score every example of the split (the papers' protocol). "
+                              "Without it, when that would take more than about two minutes here, the first "
+                              "examples that fit about one minute (at least 500) are scored, and the output says so"),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (matrix products in bfloat16; log-sum-exp in float64)"),
     disentanglement: bool = typer.Option(False, "--disentanglement", help="also the beta-VAE, FactorVAE and MIG "
                                          "metrics (a run on --data sprites or dsprites)"),
@@ -345,17 +392,20 @@ def eval_command(
     bdmc: int = typer.Option(0, "--bdmc", help="also bidirectional Monte Carlo on N examples simulated from the "
                              "model: an upper and a lower bound on their log p(x) (steps: --ais-steps, or 100)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
     """Importance-sampled log p(x) with its Monte-Carlo s.e., ELBO, active units. Every evaluation is kept in
     RUN_DIR/evaluations (eval.json is the latest) and the report is refreshed."""
     from elbolab import pipeline
 
-    result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
-                               data_dir=data_dir, seed=seed, progress=progress, compare=compare, weights=weights,
-                               device=device, limit=limit, precision=precision, disentanglement=disentanglement,
-                               compile=compile, ais_steps=ais_steps, ais_chains=ais_chains,
-                               ais_leapfrog=ais_leapfrog, ais_examples=ais_examples, bdmc_examples=bdmc,
-                               disentanglement_protocol=disentanglement_protocol)
+    with _Threads(threads):
+        result = pipeline.evaluate(run_dir, k=iw_samples, split=split, naive_k=naive_samples or None,
+                                   data_dir=data_dir, seed=seed, progress=progress, compare=compare,
+                                   weights=weights, device=device, limit=limit, precision=precision,
+                                   disentanglement=disentanglement, compile=compile, ais_steps=ais_steps,
+                                   ais_chains=ais_chains, ais_leapfrog=ais_leapfrog, ais_examples=ais_examples,
+                                   bdmc_examples=bdmc, disentanglement_protocol=disentanglement_protocol,
+                                   full=full)
     typer.echo(f"weights: {result['weights']}")
     if compile:
         typer.echo("compiled: yes (torch.compile)" if result.get("compiled") else

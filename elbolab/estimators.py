@@ -27,6 +27,7 @@ from torch import nn
 
 from elbolab.data.core import Batch, as_batch
 from elbolab.errors import ElbolabError
+from elbolab.progress import line_every
 
 # Size of one [k_chunk, B, width] float32 block (decoder output, log-prob temporaries); the evaluator holds a
 # handful of such blocks at once. Blocks of 4-8 MB (1250-2500 samples x 784 pixels) keep those temporaries in the
@@ -199,10 +200,11 @@ def progress_over_examples(starts, desc: str, total: int, batch_size: int, n: in
         yield from tqdm(starts, desc=desc, unit="batch", total=total)
         return
     began = last = time.perf_counter()
+    every = line_every()
     for i, start in enumerate(starts):
         yield start
         now = time.perf_counter()
-        if now - last >= 10 or (i + 1 == total and now - began >= 10):  # a line every 10 s; quick jobs stay quiet
+        if now - last >= every or (i + 1 == total and now - began >= every):  # quick jobs stay quiet
             last = now
             print(f"{desc}: {min(n, start + batch_size):,} of {n:,} examples, {now - began:.0f} s", flush=True)
 

@@ -32,6 +32,44 @@ from elbolab.progress import Progress
 from elbolab.runs import describe_nonfinite, nonfinite_tensors
 from elbolab.schedules import StepContext
 
+# The default evaluation's budget: about a minute on this machine (issue 22); --full gives the papers' protocol.
+QUICK_EVAL_SECONDS = 60.0
+QUICK_EVAL_MIN_EXAMPLES = 500  # below this the s.e. over examples (about s.d./sqrt(N)) grows past ~1 nat on MNIST
+
+
+def estimated_log_px_seconds(model: nn.Module, data, k: int) -> float | None:
+    """Seconds importance sampling with K = ``k`` would take on all of ``data`` here: a block of 8 examples x
+    min(k, 64) samples is timed (on its second call; the first pays one-off costs) and scaled linearly in N and K.
+    None when the model cannot importance-sample (the estimator itself says why)."""
+    import time
+
+    n = min(8, len(data))
+    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(0)).to(model_tensor(model))
+    k_probe = min(k, 64)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.importance_samples(batch, k_probe)
+            started = time.perf_counter()
+            model.importance_samples(batch, k_probe)
+            return (time.perf_counter() - started) * (len(data) / n) * (k / k_probe)
+    except (NotImplementedError, ElbolabError):
+        return None
+
+
+def quick_budget_examples(n_total: int, seconds_all: float, *, target_seconds: float = QUICK_EVAL_SECONDS,
+                          minimum: int = QUICK_EVAL_MIN_EXAMPLES) -> int:
+    """How many examples (the first N of the split) the default evaluation scores: all of them when that takes at
+    most twice ``target_seconds``, else as many as fit ``target_seconds`` (rounded down to a hundred), but never
+    fewer than ``minimum``. The estimator's bias at K is unchanged; only the s.e. over examples grows."""
+    if n_total < 1 or seconds_all < 0 or target_seconds <= 0:
+        raise ElbolabError(f"expected n_total >= 1, seconds >= 0, target > 0; got {n_total}, {seconds_all}, "
+                           f"{target_seconds}")
+    if seconds_all <= 2 * target_seconds:
+        return n_total
+    fitting = int(n_total * target_seconds / seconds_all)
+    fitting = fitting // 100 * 100 if fitting >= 100 else fitting
+    return min(n_total, max(minimum, fitting))
+
 
 def paired_difference(mine: torch.Tensor, theirs: torch.Tensor) -> dict:
     """Mean of the per-example differences ``mine - theirs`` ([N] each, same examples) and its standard error."""

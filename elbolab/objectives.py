@@ -110,13 +110,53 @@ def free_bits_kl(kl_bd: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def detach_distribution(dist: Distribution) -> Distribution:
     """The same distribution with its parameters cut from the graph (stop-gradient), for STL and DReG estimators:
-    log q(z) then carries gradients only through z."""
+    log q(z) then carries gradients only through z.
+
+    A ``TransformedDistribution`` (a flow) is rebuilt from its detached base and detached transforms: a transform
+    with learned parameters must offer ``detached()`` (the same map with its parameters, amortised or global, cut
+    from the graph and an empty cache, e.g. ``flow_vae.PlanarTransform``, ``IAFTransform``); torch's
+    ``AffineTransform``, ``ComposeTransform``, ``IndependentTransform``, inverses and the parameter-free
+    elementwise transforms are handled here. The transforms are fresh, with empty caches, so log_prob(z) inverts z
+    numerically (the caches of the original transforms hold pre-images whose graph reaches the parameters): the
+    value is log q(z), and the gradient reaches z through the inverse and the log |det| terms only, which is the
+    path derivative of STL (Roeder et al. 2017) and DReG for any reparameterised q.
+    """
     if isinstance(dist, Independent):
         return Independent(detach_distribution(dist.base_dist), dist.reinterpreted_batch_ndims, validate_args=False)
     if isinstance(dist, Normal):
         return Normal(dist.loc.detach(), dist.scale.detach(), validate_args=False)
     if isinstance(dist, MultivariateNormal):
         return MultivariateNormal(dist.loc.detach(), scale_tril=dist.scale_tril.detach(), validate_args=False)
+    from torch.distributions import TransformedDistribution, transforms
+
+    if isinstance(dist, TransformedDistribution):
+        parameter_free = (transforms.ExpTransform, transforms.SigmoidTransform, transforms.TanhTransform,
+                          transforms.SoftplusTransform, transforms.AbsTransform)
+
+        def detach_transform(t: transforms.Transform) -> transforms.Transform:
+            if callable(getattr(t, "detached", None)):
+                return t.detached()
+            if isinstance(t, transforms.ComposeTransform):
+                return transforms.ComposeTransform([detach_transform(part) for part in t.parts])
+            if isinstance(t, transforms.IndependentTransform):
+                return transforms.IndependentTransform(detach_transform(t.base_transform),
+                                                       t.reinterpreted_batch_ndims)
+            if isinstance(t, transforms._InverseTransform):
+                return detach_transform(t._inv).inv
+            if isinstance(t, transforms.AffineTransform):
+                def cut(v):
+                    return v.detach() if isinstance(v, torch.Tensor) else v
+
+                return transforms.AffineTransform(cut(t.loc), cut(t.scale), event_dim=t.event_dim)
+            if type(t) in parameter_free:
+                return type(t)()  # a fresh cache: the old one may hold a pre-image with a graph to parameters
+            raise NotImplementedError(
+                f"detach_distribution: no rule for the transform {type(t).__name__}; give it a detached() method "
+                "returning the same map with its parameters cut from the graph (detach()) and an empty cache"
+            )
+
+        return TransformedDistribution(detach_distribution(dist.base_dist),
+                                       [detach_transform(t) for t in dist.transforms], validate_args=False)
     raise NotImplementedError(f"detach_distribution: no rule for {type(dist).__name__}")
 
 

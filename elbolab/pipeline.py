@@ -22,21 +22,22 @@ from elbolab.data.core import Batch
 from elbolab.data.memory import is_in_memory, load_in_memory
 from elbolab.disentanglement import disentanglement_scores, model_encoder, run_factor_data
 from elbolab.errors import CheckpointError, ElbolabError, TrainingInterrupted
-from elbolab.estimators import model_tensor
 from elbolab.evaluate import (
     ais_evaluation,
     bdmc_evaluation,
     collapse_check,
+    estimated_log_px_seconds,
     evaluate_model,
     importance_diagnostics,
     paired_difference,
+    quick_budget_examples,
 )
 from elbolab.figures.traversals import traverse
 from elbolab.likelihoods import LIKELIHOODS
 from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
 from elbolab.outputs import check_memory, check_output_file, round_down
-from elbolab.progress import format_duration
+from elbolab.progress import Progress, format_duration, say
 from elbolab.records import SCHEMA_VERSION, Evaluation
 from elbolab.report import write_report
 from elbolab.trainer import Trainer
@@ -132,6 +133,8 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
     trainer = Trainer(model, train_config, out, model_name=model_name, data_info=data_info, init_from=init_info)
     if init_info is not None:
         trainer.say(loaded.summary())
+    if trainer.rank == 0:
+        warn_if_cores_busy(train_config.progress)
     history = trainer.fit(splits.train, splits.val, resume=resume, overwrite=overwrite)
     if trainer.rank == 0:
         try:
@@ -288,11 +291,14 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
              limit: int | None = None, refresh_report: bool = True, precision: str = "fp32",
              disentanglement: bool = False, compile: bool = False, ais_steps: int = 0, ais_chains: int = 16,
              ais_leapfrog: int = 10, ais_examples: int = 100, bdmc_examples: int = 0,
-             disentanglement_protocol: str = "quick") -> dict:
+             disentanglement_protocol: str = "quick", full: bool = False) -> dict:
     """Importance-sampled log p(x) (with its Monte-Carlo s.e.), ELBO, active units and KL per dimension, and model
     metrics. Every evaluation is kept: a new file in RUN_DIR/evaluations (see ``runs.save_evaluation``; its path is
     returned under ``"saved_to"``), eval.json is the latest, and the report is refreshed. ``limit``: only the first N
-    examples of the split (a quick first look before a long K = 5000 run). ``compare``: another run, evaluated on
+    examples of the split (a quick first look before a long K = 5000 run). Without ``limit`` the default budget
+    applies: when all the split's examples would take more than about two minutes here, the first N that fit about
+    one (at least 500) are scored, and the record says so; ``full=True`` scores every example (the papers'
+    protocol). ``compare``: another run, evaluated on
     the same examples with the same settings, reported as the paired difference of log p(x) (this run minus the
     other). ``weights``: "last" (the end of training) or "best" (the best validation ELBO, with --keep-best);
     ``device``: where to compute; ``precision``: fp32, or bf16 matrix products (see ``elbolab.precision``);
@@ -313,16 +319,22 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     data = getattr(splits, split)
     if disentanglement:  # refused before the long log p(x) run when the data have no known factors
         factors = run_factor_data(config["data"], data_dir)
+    split_size, limit_reason = len(data), None
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ElbolabError(f"expected --limit N >= 1 examples, got {limit!r}")
-        data = data.head(min(limit, len(data)))
+        if full:
+            raise ElbolabError("--full scores every example and --limit the first N: give one of the two")
+        data, limit_reason = data.head(min(limit, len(data))), "--limit"
     _check_writable(Path(run_dir))
     if compare is not None:  # refused before any evaluation when the two runs do not score the same examples
         other, other_config = load_run(compare)
         other.to(target)
         _check_comparable(config, other_config, compare, split, data, data_dir, seed)
-    _announce_cost(model, data, k, progress)
+    warn_if_cores_busy(progress)
+    data, budget = _log_px_budget(model, data, k, progress, full=full or limit is not None)
+    if budget is not None:
+        limit, limit_reason = budget, "budget"
     evaluated_at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
     result, estimate = evaluate_model(model, data, k=k, naive_k=naive_k, seed=seed, progress=progress,
                                       return_estimate=True, precision=precision, compile=compile)
@@ -334,7 +346,7 @@ def evaluate(run_dir, *, k: int = 5000, split: str = "test", naive_k: int | None
     epoch = runs.read_json(Path(run_dir) / runs.MANIFEST).get("summary", {}).get(
         "best_epoch" if weights == "best" else "last_epoch") if (Path(run_dir) / runs.MANIFEST).is_file() else None
     result.update(split=split, dataset=data.name, model=config["model"], device=str(target), seed=seed,
-                  limit=limit, evaluated_at=evaluated_at,
+                  limit=limit, limit_reason=limit_reason, split_size=split_size, evaluated_at=evaluated_at,
                   weights=f"{runs.WEIGHTS if weights == 'last' else runs.BEST_WEIGHTS} ({weights}"
                           + (f", epoch {epoch})" if epoch else ")"))
     diagnostics = importance_diagnostics(model, data, k=k, estimate=estimate, seed=seed)
@@ -393,28 +405,27 @@ def _check_comparable(config: dict, other_config: dict, other_run, split: str, d
                            "split seed or binarisation); a paired comparison needs the same examples")
 
 
-def _announce_cost(model, data, k: int, progress: bool) -> None:
-    """Time a small block of importance samples, say how long log p(x) will take when it is more than a few
-    seconds, and refuse what cannot finish within a week."""
-    import time as clock
-
-    n = min(8, len(data))
-    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(0)).to(model_tensor(model))
-    k_probe = min(k, 64)
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.importance_samples(batch, k_probe)  # the first call pays one-off costs: timed on the second
-            started = clock.perf_counter()
-            model.importance_samples(batch, k_probe)
-            seconds = (clock.perf_counter() - started) * (len(data) / n) * (k / k_probe)
-    except (NotImplementedError, ElbolabError):
-        return  # the estimator itself says why it cannot run
+def _log_px_budget(model, data, k: int, progress: bool, *, full: bool):
+    """``(data, n)``: the examples log p(x) will score and, when the default budget cut them, how many. The cost is
+    timed on a small block first: what cannot finish within a week is refused; what would take more than about
+    two minutes is cut to the first examples that fit about one (``evaluate.quick_budget_examples``) unless
+    ``full``; what still takes more than a few seconds is announced."""
+    seconds = estimated_log_px_seconds(model, data, k)
+    if seconds is None:
+        return data, None  # the estimator itself says why it cannot run
     if seconds > 7 * 24 * 3600:
         raise ElbolabError(f"--iw-samples {k:,} on {len(data):,} examples would take about {seconds / 86400:,.0f} "
                            "days on this machine; use a smaller --iw-samples (5000 is the papers' choice) or --limit")
-    if seconds > 10 and progress:
-        print(f"log p(x): {len(data):,} examples x K = {k:,} importance samples, about {format_duration(seconds)} here",
-              flush=True)
+    n = len(data) if full else quick_budget_examples(len(data), seconds)
+    if n < len(data):
+        say(f"log p(x): all {len(data):,} examples at K = {k:,} would take about {format_duration(seconds)} here; the "
+            f"default budget scores the first {n:,} (about {format_duration(seconds * n / len(data))}; the s.e. over "
+            "examples says what that costs in precision). --full scores every example", progress)
+        return data.head(n), n
+    if seconds > 10:
+        say(f"log p(x): {len(data):,} examples x K = {k:,} importance samples, about {format_duration(seconds)} here",
+            progress)
+    return data, None
 
 
 def _sandwich(model, data, *, ais_steps: int, ais_chains: int, ais_leapfrog: int, ais_examples: int,
@@ -504,12 +515,14 @@ def encode(run_dir, out, *, split: str = "test", data_dir=None, overwrite: bool 
     data = getattr(load_run_data(config["data"], data_dir), split)
     param = next(model.parameters())
     codes, labels = [], []
-    with torch.no_grad():
+    with torch.no_grad(), Progress(f"encode: E[z|x] of the {len(data):,} {split} examples", total=len(data),
+                                   unit="examples") as bar:  # minutes for a large split and a conv encoder
         for rows in torch.arange(len(data)).split(1000):
             batch = data.batch(rows, torch.Generator().manual_seed(0))
             codes.append(next(iter(model.latent_means(batch.to(param)).values())).float().cpu())
             if batch.y is not None:
                 labels.append(batch.y.cpu())
+            bar.update(len(rows))
     z = torch.cat(codes).numpy()  # [N, d]
     y = torch.cat(labels).numpy() if labels else None
     if suffix == ".npy":
@@ -522,6 +535,66 @@ def encode(run_dir, out, *, split: str = "test", data_dir=None, overwrite: bool 
         np.savetxt(out, table, delimiter=",", header=",".join(columns + (["y"] if table is not z else [])),
                    comments="", fmt="%.7g")
     return Path(out), z.shape
+
+
+def _runnable_now() -> int | None:
+    """Threads runnable on the machine at this moment, this one included (/proc/loadavg's fourth field), the
+    fewest of three looks 20 ms apart; None off Linux."""
+    seen = []
+    for look in range(3):
+        try:
+            seen.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if look < 2:
+            time.sleep(0.02)
+    return min(seen)
+
+
+def warn_if_cores_busy(progress: bool = True) -> None:
+    """``busy_cores_warning`` on stderr, once the work is about to start (after the cheap checks, so that a refused
+    command stays one line); not with progress off, nor when OMP_NUM_THREADS says how many threads (a choice made),
+    nor on the other ranks of a torchrun job, nor with ELBOLAB_BUSY_WARNING=0 (the test suite: its one-line-error
+    checks must not depend on the machine's load)."""
+    import os
+    import sys
+
+    if not progress or os.environ.get("OMP_NUM_THREADS") or int(os.environ.get("RANK", "0")) != 0 or \
+            os.environ.get("ELBOLAB_BUSY_WARNING", "1") == "0":
+        return
+    line = busy_cores_warning()
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+
+
+def busy_cores_warning(threads: int | None = None) -> str | None:
+    """One line when torch would run ``threads`` threads (default: its current number) while other processes keep
+    the cores they need busy: each parallel step then waits for a thread that has no core, and a small model
+    trained ~50x slower with 2 threads than with 1 beside a busy core on a 2-core machine (2.7 s against 0.15 s per
+    epoch). Busy: the 1-minute load average above ``cpus - threads + 0.5`` and, where Linux says, more other
+    threads runnable right now than the ``cpus - threads`` cores left over (the load average alone still counts an
+    elbolab command that has just ended). None otherwise, or when the load is unknown."""
+    import math
+    import os
+
+    threads = torch.get_num_threads() if threads is None else threads
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    spare = cpus - threads  # cores our threads leave to others
+    if threads <= 1 or load <= spare + 0.5:
+        return None
+    runnable = _runnable_now()
+    if runnable is not None and runnable - 1 < spare + 1:  # nothing but this process wants a core now
+        return None
+    others = max(load, runnable - 1 if runnable is not None else 0)
+    suggested = max(1, min(threads - 1, cpus - math.ceil(others - 0.5)))
+    return (f"warning: torch will use {threads} threads, but the machine is busy (load average {load:.1f} over the "
+            f"last minute on {cpus} cores), so its threads wait for cores and this can run many times slower "
+            f"(~50x measured on 2 cores). Use --threads {suggested} (or OMP_NUM_THREADS={suggested}; in Python "
+            f"torch.set_num_threads({suggested}))")
 
 
 def report(run_dir) -> Path:

@@ -24,7 +24,9 @@ from elbolab.errors import ElbolabError
 
 __all__ = [
     "epoch_means",
+    "grid_shape",
     "latent_grid",
+    "latent_scatter_figure",
     "plot_image_grid",
     "plot_kl_per_dim",
     "plot_latent_manifold",
@@ -158,13 +160,35 @@ def figure_png_bytes(fig) -> bytes:
 
 
 # -------------------------------------------------------------------------------------------- images
-def plot_image_grid(images, image_shape, path, *, ncols: int = 10, title: str | None = None) -> Path:
+_MAX_GRID_ASPECT = 2.5  # a grid that divides n is kept while it is at most 2.5 times as wide as tall
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``n`` images: the most square layout whose cells are all filled (16 -> 4 x 4,
+    12 -> 3 x 4, 10 -> 2 x 5; never taller than wide) as long as it is at most 2.5 times as wide as tall; otherwise
+    (a prime such as 7 or 13, or 14 -> 2 x 7) the near-square layout with the fewest empty cells in its last row
+    (7 -> 2 x 4, 13 -> 3 x 5). Up to 3 images sit in one row."""
+    n = int(n)
+    if n < 1:
+        raise ElbolabError(f"n: expected at least one image, got {n}.")
+    if n <= 3:
+        return 1, n
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)  # the largest divisor <= sqrt(n)
+    if n // rows <= _MAX_GRID_ASPECT * rows:
+        return rows, n // rows
+    layouts = [(math.ceil(n / cols), cols) for cols in range(math.isqrt(n), n + 1)]
+    fitting = [(r, c) for r, c in layouts if r <= c <= _MAX_GRID_ASPECT * r]
+    return min(fitting, key=lambda rc: (rc[0] * rc[1] - n, rc[1] - rc[0]))
+
+
+def plot_image_grid(images, image_shape, path, *, ncols: int | None = None, title: str | None = None) -> Path:
     """Grid of images ([N, C*H*W] in [0, 1], channel-first; ``image_shape`` (H, W) or (C, H, W) with C = 1 or 3),
-    ``ncols`` per row; e.g. samples from the prior. Grey for one channel, colour for three."""
-    if int(ncols) < 1:
+    ``ncols`` per row (by default the layout of :func:`grid_shape`: 16 images in 4 x 4, 100 in 10 x 10); e.g.
+    samples from the prior. Grey for one channel, colour for three."""
+    if ncols is not None and int(ncols) < 1:
         raise ElbolabError(f"ncols: expected a positive integer, got {ncols}; try ncols=10.")
     imgs = as_images(images, image_shape, "images")  # [N, H, W] or [N, H, W, 3]
-    ncols = min(int(ncols), imgs.shape[0])
+    ncols = grid_shape(imgs.shape[0])[1] if ncols is None else min(int(ncols), imgs.shape[0])
     rows = [imgs[i : i + ncols] for i in range(0, imgs.shape[0], ncols)]
     fig, _ = mosaic_figure(tile(rows, ncols), title, 0.6, ncols, len(rows))
     return save_figure(fig, path)
@@ -398,7 +422,7 @@ def _class_name(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _latent_histogram(z1: np.ndarray, lab: np.ndarray | None, label_title: str):
+def _latent_histogram(z1: np.ndarray, lab: np.ndarray | None, label_title: str, class_names=None):
     """One latent dimension: a histogram of z, stacked per label when there are few distinct labels."""
     fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=_DPI)
     bins = np.histogram_bin_edges(z1, bins=min(60, max(10, int(np.sqrt(z1.size)))))
@@ -408,9 +432,8 @@ def _latent_histogram(z1: np.ndarray, lab: np.ndarray | None, label_title: str):
     else:
         classes = np.unique(lab)
         if len(classes) <= 20:  # stacked bars per label, with a legend
-            cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
             ax.hist([z1[lab == cls] for cls in classes], bins=bins, stacked=True, alpha=0.85,
-                    color=[cmap(i) for i in range(len(classes))], label=[_class_name(c) for c in classes])
+                    color=_class_colours(classes, class_names), label=_class_names(classes, class_names))
             ax.legend(title=label_title, fontsize=8, loc="best", framealpha=0.8,
                       ncol=1 if len(classes) <= 10 else 2)
             title += f", stacked by {label_title}"
@@ -432,12 +455,41 @@ def _latent_histogram(z1: np.ndarray, lab: np.ndarray | None, label_title: str):
     return fig
 
 
-def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: str | None = None) -> Path:
-    """Latent codes in 2-D (projected with :func:`project_2d`), coloured by label if given.
+def class_colours(n_classes: int) -> list:
+    """One colour per class: tab10 up to 10 classes; for 11 to 20, tab20's dark shade of each of its 10 hues for
+    the first 10 classes and the light shades for the rest, so neighbouring classes (which are often related, such
+    as the comp.* newsgroups) get different hues rather than two shades of one."""
+    if n_classes <= 10:
+        cmap = plt.get_cmap("tab10")
+        return [cmap(i) for i in range(n_classes)]
+    cmap = plt.get_cmap("tab20")
+    return [cmap((2 * i) % 20 + (1 if i >= 10 else 0)) for i in range(n_classes)]
 
-    ``labels`` are class ids [N] or factors [N, F] (coloured by the first factor; ``label_name`` names it in the
-    legend). A 1-D latent ([N, 1] or [N]) gets a histogram of z instead, stacked per label.
-    """
+
+def _names_cover(classes: np.ndarray, class_names) -> bool:
+    return class_names is not None and len(class_names) > 0 and all(
+        float(c).is_integer() and 0 <= int(c) < len(class_names) for c in classes)
+
+
+def _class_names(classes: np.ndarray, class_names) -> list[str]:
+    """Legend entries: ``class_names[c]`` for class id c when names are given (and cover every id), else the id."""
+    if _names_cover(classes, class_names):
+        return [str(class_names[int(c)]) for c in classes]
+    return [_class_name(c) for c in classes]
+
+
+def _class_colours(classes: np.ndarray, class_names) -> list:
+    """The colour of each class present: with names, by class id among all the named classes (a newsgroup keeps its
+    colour when another is missing from the codes shown); else by rank among the classes present."""
+    if _names_cover(classes, class_names) and len(class_names) <= 20:
+        palette = class_colours(len(class_names))
+        return [palette[int(c)] for c in classes]
+    return class_colours(len(classes))
+
+
+def latent_scatter_figure(z, labels, *, method: str = "auto", label_name: str | None = None, class_names=None,
+                          note: str | None = None):
+    """The figure of :func:`plot_latent_scatter` (not saved; the caller saves or inspects it)."""
     arr = _to_numpy(z, "z")
     if arr.ndim == 1:
         arr = arr[:, None]  # [N] -> [N, 1]: a 1-D latent
@@ -445,35 +497,59 @@ def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: st
         if not np.all(np.isfinite(arr)):
             raise ElbolabError("z: expected finite latent codes, got NaN or inf; check the encoder output.")
         lab, label_title = (None, "") if labels is None else label_vector(labels, arr.shape[0], label_name)
-        return save_figure(_latent_histogram(arr[:, 0], lab, label_title), path)
+        return _latent_histogram(arr[:, 0], lab, label_title, class_names)
     coords, description = project_2d(arr, method)  # [N, 2]
-    fig, ax = plt.subplots(figsize=(7.0, 5.2), dpi=_DPI)
+    lab, label_title = (None, "") if labels is None else label_vector(labels, coords.shape[0], label_name)
+    classes = np.unique(lab) if lab is not None else np.array([])
+    names = _class_names(classes, class_names) if lab is not None else []
+    # Many classes (20 newsgroups): a wide figure (the report shows it across the page, not in half of it, so the
+    # legend's names stay legible); the legend sits beside the axes
+    many = 10 < len(classes) <= 20
+    fig, ax = plt.subplots(figsize=(9.8 if many else 7.0, 5.2), dpi=_DPI)
     size = 12 if coords.shape[0] <= 2000 else 4
-    if labels is None:
+    title = f"Latent codes: {description}"
+    if lab is None or len(classes) == 1:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.6, linewidths=0)
+        if lab is not None:  # one class: a legend of one entry says nothing, the title says it
+            title += f"\nevery code has {label_title} {names[0]}"
+    elif len(classes) <= 20:  # a legend is readable for up to 20 classes (MNIST digits, 20 newsgroups)
+        colours = _class_colours(classes, class_names)
+        order = np.random.default_rng(0).permutation(coords.shape[0])  # mixed draw order: no class hides the rest
+        lab_shuffled, coords_shuffled = lab[order], coords[order]
+        for i, (cls, name) in enumerate(zip(classes, names)):
+            mask = lab_shuffled == cls
+            ax.scatter(coords_shuffled[mask, 0], coords_shuffled[mask, 1], s=size, alpha=0.7, linewidths=0,
+                       color=colours[i], label=f"{name} ({int(mask.sum())})" if many else name)
+        # beside the axes, never over the points
+        ax.legend(title=label_title + (" (codes)" if many else ""), fontsize=9, title_fontsize=9, markerscale=2.5,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, handletextpad=0.3,
+                  labelspacing=0.3 if many else 0.5)
     else:
-        lab, label_title = label_vector(labels, coords.shape[0], label_name)
-        classes = np.unique(lab)
-        if len(classes) <= 20:  # a legend is readable for few classes (e.g. MNIST digits)
-            cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-            for i, cls in enumerate(classes):
-                mask = lab == cls
-                ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, linewidths=0,
-                           color=cmap(i), label=_class_name(cls))
-            # beside the axes, never over the points
-            ax.legend(title=label_title, fontsize=9, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      borderaxespad=0.0, frameon=False)
-        else:
-            points = ax.scatter(coords[:, 0], coords[:, 1], c=lab, s=size, alpha=0.7, linewidths=0,
-                                cmap="viridis")
-            fig.colorbar(points, ax=ax, label=label_title)
+        points = ax.scatter(coords[:, 0], coords[:, 1], c=lab, s=size, alpha=0.7, linewidths=0,
+                            cmap="viridis")
+        fig.colorbar(points, ax=ax, label=label_title)
+    if note:
+        title += f"\n{note}"
     is_pca = description.startswith("PCA")
     ax.set_xlabel("PC 1" if is_pca else "z0")
     ax.set_ylabel("PC 2" if is_pca else "z1")
-    ax.set_title(f"Latent codes: {description}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_latent_scatter(z, labels, path, *, method: str = "auto", label_name: str | None = None,
+                        class_names=None, note: str | None = None) -> Path:
+    """Latent codes in 2-D (projected with :func:`project_2d`), coloured by label if given.
+
+    ``labels`` are class ids [N] or factors [N, F] (coloured by the first factor; ``label_name`` names it in the
+    legend). ``class_names[c]`` names class id c in the legend (e.g. the 20 newsgroups) and ``note`` is a line under
+    the title (e.g. why the codes are not coloured). A 1-D latent ([N, 1] or [N]) gets a histogram of z instead,
+    stacked per label.
+    """
+    return save_figure(latent_scatter_figure(z, labels, method=method, label_name=label_name,
+                                             class_names=class_names, note=note), path)
 
 
 def kl_bar_figure(kl_per_dim):

@@ -5,29 +5,57 @@ a plain line every 10 seconds, so that nothing that takes longer than that is si
         for chunk in chunks:
             ...
             progress.update(len(chunk))
+
+Off a terminal a line reads ``DESC: DONE of TOTAL UNIT, SECONDS s``. The environment variable
+``ELBOLAB_PROGRESS_EVERY`` sets the seconds between those lines (default 10; 0: a line at every update, as the
+tests use to see every phase of a quick command; read when a Progress starts, so it may change within a process).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 LINE_EVERY_S = 10.0
+EVERY_VARIABLE = "ELBOLAB_PROGRESS_EVERY"
+
+
+def line_every() -> float:
+    """Seconds between plain progress lines: ``ELBOLAB_PROGRESS_EVERY`` when it is a number >= 0, else 10."""
+    text = os.environ.get(EVERY_VARIABLE, "").strip()
+    try:
+        seconds = float(text) if text else LINE_EVERY_S
+    except ValueError:
+        return LINE_EVERY_S
+    return seconds if seconds >= 0 and seconds == seconds else LINE_EVERY_S
 
 
 class Progress:
-    def __init__(self, desc: str, total: int | None = None, unit: str = "steps", *, enabled: bool = True):
+    """``initial``: work already done (a resumed epoch); ``set_postfix_str``: running figures shown after the count
+    (the bar's postfix on a terminal, the end of each plain line otherwise)."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "steps", *, enabled: bool = True,
+                 initial: int = 0):
         self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
-        self.done = 0
+        self.done = initial
+        self.postfix = ""
         self._bar = None
+        self.every = line_every()
         self._began = self._last = time.perf_counter()
 
     def __enter__(self) -> Progress:
         if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm  # only on a terminal
 
-            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit=self.unit, leave=False,
+                             dynamic_ncols=True)
         return self
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=refresh)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -38,12 +66,16 @@ class Progress:
             return
         now = time.perf_counter()
         finished = self.total is not None and self.done >= self.total
-        if now - self._last >= LINE_EVERY_S or (finished and now - self._began >= LINE_EVERY_S):
+        if now - self._last >= self.every or (finished and now - self._began >= self.every):
             self._last = now
             of = f" of {self.total:,}" if self.total is not None else ""
-            print(f"{self.desc}: {self.done:,}{of} {self.unit}, {now - self._began:.0f} s", flush=True)
+            postfix = f", {self.postfix}" if self.postfix else ""
+            print(f"{self.desc}: {self.done:,}{of} {self.unit}, {now - self._began:.0f} s{postfix}", flush=True)
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

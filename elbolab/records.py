@@ -66,7 +66,9 @@ class Evaluation:
     seed: int | None = None
     device: str | None = None
     precision: str | None = None
-    limit: int | None = None
+    limit: int | None = None  # only the first N examples of the split were scored
+    limit_reason: str | None = None  # "--limit" (asked for) or "budget" (the default's ~1 minute; --full for all)
+    split_size: int | None = None  # examples in the split
     n_examples: int | None = None
     evaluated_at: str | None = None
     compiled: bool | None = None

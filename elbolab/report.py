@@ -33,7 +33,8 @@ _FIGURE_KINDS = (
     ("manifold", ("manifold",), "Latent manifold: decoder mean over a grid of normal quantiles"),
     ("cluster_scatter", ("cluster_scatter",), "Latent codes coloured by their cluster and by their class"),
     ("latent_scatter", ("scatter",),
-     "Latent codes coloured by label: 2-D (or a projection), or a histogram for a 1-D latent"),
+     "Latent codes, coloured by label when the data have labels: 2-D (or a projection), or a histogram for a 1-D "
+     "latent"),
     ("is_diagnostics", ("is_diagnostics",),
      "Importance-sampling diagnostics: ESS per example, log weights of three examples, log p(x) against K"),
 )
@@ -319,7 +320,7 @@ def _evaluation_history(latest: dict[str, Evaluation], n_kept: int) -> str:
         block = record.log_px or Estimate()
         rows.append((
             split, _fmt(block.mean), _fmt(block.mc_stderr), _fmt(record.elbo), _fmt(block.k),
-            _count(block.n_examples) + (" (--limit)" if record.limit else "") if block.n_examples is not None
+            _count(block.n_examples) + _subset(record) if block.n_examples is not None
             else "",
             _text(record.weights or ""), _text(str(record.evaluated_at or "").replace("T", " ")[:19]),
         ))
@@ -345,6 +346,16 @@ def _evaluation_section(evaluation: Evaluation, config, *, draw_kl: bool = True)
     return (html or _note("eval.json holds no values.")), headline, callout
 
 
+def _subset(ev: Evaluation) -> str:
+    """Why only some examples were scored: --limit, or the default budget (and how to score them all)."""
+    if ev.limit is None:
+        return ""
+    if ev.limit_reason == "budget":
+        of = f" of {ev.split_size:,}" if ev.split_size else ""
+        return f"{of} (the default budget; eval --full scores all)"
+    return " (--limit)"
+
+
 def _context_line(ev: Evaluation) -> str:
     context = [f"{label} {value}" for label, value in (("data", ev.dataset), ("model", ev.model)) if value]
     if ev.seed is not None:
@@ -352,7 +363,7 @@ def _context_line(ev: Evaluation) -> str:
     context += [f"{label} {value}" for label, value in (("weights", ev.weights), ("precision", ev.precision),
                                                         ("device", ev.device)) if value]
     if ev.limit is not None:
-        context.append(f"first {ev.limit:,} examples only (--limit)")
+        context.append(f"first {ev.limit:,} examples only{_subset(ev)}")
     if ev.evaluated_at:
         context.append(f"at {ev.evaluated_at.replace('T', ' ')[:16]} UTC")
     return (f"<p>Evaluated on the <strong>{_e(ev.split)}</strong> split"
@@ -378,7 +389,7 @@ def _log_px_section(ev: Evaluation, config) -> tuple[str, dict | None, str | Non
         if block.k is not None:
             sub += f"; K = {block.k:,}"
         if block.n_examples is not None:
-            sub += f"; {block.n_examples:,} examples" + (" (--limit)" if ev.limit is not None else "")
+            sub += f"; {block.n_examples:,} examples" + _subset(ev)
         value = _with_mc_se(block.mean, block.mc_stderr).replace(" (MC s.e.)", "")
         headline = {"label": f"{ev.split} {name}", "value": value,
                     "sub": sub + ("; see the note below" if caveat else ""), "warn": caveat}
@@ -553,6 +564,42 @@ def _training_section(records: list[dict]) -> tuple[str, dict[str, str]]:
         best, best_epoch = max(val_elbos)
         parts.append(_note(f"Best val ELBO {_fmt(best)} at epoch {best_epoch}."))
     return "".join(parts), facts
+
+
+_TOPICS_JSON = "topics.json"  # written by elbolab.figures.topics for document models (nvdm)
+
+
+def _topics_section(run_dir: Path, evaluation: Evaluation | None) -> str | None:
+    """The Topics table of a document model: one row per latent dimension, its top words as text, its spread (and
+    its KL from the evaluation, when there is one per dimension); None when the run has no topics.json."""
+    data, note = _read_json(run_dir / _TOPICS_JSON)
+    if data is None:
+        return None if not (run_dir / _TOPICS_JSON).exists() else _note(note)
+    topics = data.get("topics") if isinstance(data, dict) else None
+    if not isinstance(topics, list) or not all(isinstance(t, dict) and isinstance(t.get("words"), list)
+                                               for t in topics):
+        return _note(f"{_TOPICS_JSON} holds no list of topics; section skipped.")
+    kl = evaluation.kl_per_dim if isinstance(evaluation, Evaluation) else None
+    dims = [t.get("dim") for t in topics]
+    use_kl = bool(kl) and all(isinstance(j, int) and 0 <= j < len(kl) and _finite(kl[j]) for j in dims)
+    rows = []
+    for t in topics:
+        row = [f"h{t.get('dim')}", " ".join(str(w) for w in t["words"]),
+               f"{t['spread']:.3f}" if _finite(t.get("spread")) else ""]
+        if use_kl:
+            row.append(f"{kl[t['dim']]:.2f}")
+        rows.append(row)
+    top = max((len(t["words"]) for t in topics), default=0)
+    header = ["Latent dimension", f"Top {top} words (largest R_jw first)", "Spread of R_j"] + (
+        ["KL (nats)"] if use_kl else [])
+    explain = ("Each row is one latent dimension j of the decoder p(w|h) = softmax(R^T h + b): the words whose "
+               "probability rises most when h_j rises. Spread is the s.d. of R_jw over the vocabulary; rows are "
+               "ordered by it, so the dimensions the decoder uses most come first (a small spread: a dimension it "
+               "barely uses, with a noisy word list).")
+    if use_kl:
+        explain += " KL is the dimension's mean KL(q(h_j|d) || p(h_j)) in the evaluation (near 0: an inactive unit)."
+    return _table(rows, header, numeric_cols=tuple(range(2, len(header)))) + _note(explain + (
+        " The same words as 'elbolab topics RUN'."))
 
 
 def _figure_kind(stem: str) -> int:
@@ -804,6 +851,11 @@ def write_report(run_dir) -> Path:
     sections += [
         ("evaluation", "Evaluation", eval_html + (_note(eval_note) if eval_note else "")),
         ("training", "Training", training_html + (_note(metrics_note) if metrics_note else "")),
+    ]
+    topics = _topics_section(run_dir, evaluation if isinstance(evaluation, Evaluation) else None)
+    if topics is not None:
+        sections.append(("topics", "Topics", topics))
+    sections += [
         ("figures", "Figures", _figures_section(run_dir / "figures")),
         ("configuration", "Configuration",
          (_table([(k, _text(v)) for k, v in _flatten(config).items()]) if isinstance(config, dict) else "")

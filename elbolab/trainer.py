@@ -35,7 +35,7 @@ from elbolab.loggers import MetricsLog, MetricTotals, epoch_line
 from elbolab.models.base import check_parameter_groups
 from elbolab.optim import adam, any_nonfinite
 from elbolab.precision import autocast, cpu_has_native_bf16
-from elbolab.progress import format_duration
+from elbolab.progress import Progress, format_duration
 from elbolab.run_folder import RunFolder, check_resume_settings, now_utc
 from elbolab.schedules import StepContext, evaluate_schedules, parse_schedules
 
@@ -403,14 +403,12 @@ class Trainer:
         record.update(epoch=self.epoch + 1, step=self.step, split="val", **ctx.values)
         return record
 
-    def _progress(self, total: int, done: int):
-        """A progress bar on a terminal only: redirected output gets the plain epoch lines and nothing else."""
-        if not self.config.progress or self.rank != 0 or not sys.stderr.isatty():
+    def _progress(self, total: int, done: int) -> Progress | None:
+        """A bar on a terminal; otherwise a plain line every ELBOLAB_PROGRESS_EVERY (10) seconds within a long
+        epoch, with the running metrics (the epoch line follows at its end)."""
+        if not self.config.progress or self.rank != 0:
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=done, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
-                    unit="batch", dynamic_ncols=True)
+        return Progress(f"epoch {self.epoch + 1}/{self.config.epochs}", total, "batches", initial=done).__enter__()
 
 
 ESTIMATE_AFTER_STEPS = 20

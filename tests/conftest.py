@@ -5,6 +5,9 @@ import torch
 
 # Two cores: keep torch from oversubscribing them when pytest and torchrun subprocesses run side by side.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The busy-machine warning (pipeline.warn_if_cores_busy) follows the load: off, so that no test depends on it;
+# tests/test_cli_progress.py switches it on where it is the subject.
+os.environ["ELBOLAB_BUSY_WARNING"] = "0"
 
 
 @pytest.fixture

@@ -207,3 +207,62 @@ def test_bad_priors_are_one_clear_error():
     ]:
         with pytest.raises(ElbolabError, match=match):
             BayesianGaussianMixture(n_components=2, **settings).fit(X)
+
+
+def test_fit_figures_draw_pruned_components_faint_and_unmarked(tmp_path):
+    """``gmm fit --method vb``: a pruned component (weight < PRUNED_WEIGHT) gets no mean marker (a red or black x
+    reads as a data point or an error) in components.png or contours.png, a faint dotted grey ellipse in
+    components.png, and one legend entry naming the pruned components and the threshold."""
+    import json
+
+    from matplotlib.colors import to_rgba
+    from typer.testing import CliRunner
+
+    from elbolab.classical.gmm_cli import (
+        PRUNED_COLOUR,
+        PRUNED_WEIGHT,
+        app,
+        components_figure,
+        contours_figure,
+        full_covariances,
+        pruned_components,
+    )
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal([0, 0], 0.5, (120, 2)), rng.normal([6, 3], 0.5, (120, 2))])
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",", header="x,y", comments="")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "x.csv"), "-k", "5", "--method", "vb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "params.json").read_text())
+    weights = np.asarray(params["weights"])
+    pruned = pruned_components(weights, "vb")
+    assert 2 <= pruned.sum() <= 3
+    means = np.asarray(params["means"])
+    covs = full_covariances(params["covariances"], "full", 5, 2)
+    labels = np.load(out / "labels.npy")
+    expected_entry = (f"pruned (weight < {PRUNED_WEIGHT:g}): components "
+                      + ", ".join(str(k + 1) for k in np.flatnonzero(pruned)))
+
+    fig = components_figure(X, labels, means, covs, weights, pruned, "t", ["x", "y"])
+    ax = fig.axes[0]
+    marked = np.array([line.get_xydata()[0] for line in ax.lines if line.get_marker() == "x"])
+    assert len(marked) == (~pruned).sum()  # a marker at each used mean only
+    np.testing.assert_allclose(marked, means[~pruned])
+    grey = [e for e in ax.patches if e.get_edgecolor()[:3] == to_rgba(PRUNED_COLOUR)[:3]]
+    assert len(grey) == pruned.sum() and all(e.get_linestyle() == ":" for e in grey)  # one faint 1-s.d. ellipse each
+    entries = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert entries[-1] == expected_entry and sum("pruned" in e for e in entries) == 1
+    assert not any("red" == line.get_color() for line in ax.lines)
+
+    model = BayesianGaussianMixture(n_components=5, random_state=0).fit(X)
+    np.testing.assert_allclose(model.means_, means, rtol=1e-9)
+    fig = contours_figure(model, X, labels, "t", pruned, ["x", "y"])
+    ax = fig.axes[0]
+    marked = np.concatenate([line.get_xydata() for line in ax.lines if line.get_marker() == "x"])
+    np.testing.assert_allclose(marked, means[~pruned])
+    assert all(to_rgba(line.get_color()) == to_rgba("black") for line in ax.lines if line.get_marker() == "x")
+    entries = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(e.startswith("not marked: pruned components") and f"weight < {PRUNED_WEIGHT:g}" in e for e in entries)
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "faint dotted grey ellipse, without a mean marker" in page

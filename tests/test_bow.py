@@ -9,6 +9,8 @@ import torch
 
 from elbolab.data import load_data
 from elbolab.data.bow import (
+    NEWSGROUPS,
+    NEWSGROUPS_FILE,
     find_20news_dir,
     is_bow_path,
     load_bow_npz,
@@ -163,6 +165,50 @@ def test_text_folder_counts_words_and_labels_subfolders(tmp_path):
         load_text_folder(tmp_path / "empty")
 
 
+def relabel(folder: Path, label) -> None:
+    """Replace the first column (the label) of train.feat and test.feat: line i (from 0, per file) gets label(i)."""
+    for name in ("train.feat", "test.feat"):
+        lines = (folder / name).read_text().splitlines()
+        (folder / name).write_text("".join(f"{label(i)} {line.partition(' ')[2]}\n" for i, line in enumerate(lines)))
+
+
+def test_20news_labels_are_newsgroups_with_their_names(tmp_path):
+    write_corpus(tmp_path / "20news", n_train=40, n_test=20)
+    relabel(tmp_path / "20news", lambda i: i % 20 + 1)  # the newsgroups numbered 1..20
+    splits = load_data("20news", data_dir=tmp_path, val_size=5)
+    for data in (splits.train, splits.val, splits.test):
+        assert data.meta["class_names"] == list(NEWSGROUPS) and data.meta["label_name"] == "newsgroup"
+        assert data.meta["label_values"] == list(range(1, 21))
+        # class ids 0..19 in the order of the values: document r of a file had value r % 20 + 1
+        rows = data.source_index
+        assert data.y.tolist() == (rows % 20).tolist()
+    assert NEWSGROUPS[10] == "rec.sport.hockey" and len(set(NEWSGROUPS)) == 20
+
+
+def test_20news_names_file_names_any_number_of_labels(tmp_path):
+    folder = tmp_path / "20news"
+    write_corpus(folder)  # labels r % 3: 0, 1, 2
+    (folder / NEWSGROUPS_FILE).write_text("sci.space\nrec.autos\n\ntalk.politics.guns\n")  # a blank line is skipped
+    splits = load_data("20news", data_dir=folder, val_size=3)
+    assert splits.test.meta["class_names"] == ["sci.space", "rec.autos", "talk.politics.guns"]
+    (folder / NEWSGROUPS_FILE).write_text("sci.space\nrec.autos\n")
+    with pytest.raises(DataError, match=r"names 2 newsgroups but the \.feat files hold 3 label values \(0, 1, 2\)"):
+        load_data("20news", data_dir=folder, val_size=3)
+    (folder / NEWSGROUPS_FILE).unlink()
+    assert load_data("20news", data_dir=folder, val_size=3).train.meta["class_names"] == ["0", "1", "2"]
+
+
+def test_20news_placeholder_label_gives_no_labels(tmp_path):
+    """The NVDM files label every document 1: that is no newsgroup, so y is None and the meta say why."""
+    write_corpus(tmp_path / "20news")
+    relabel(tmp_path / "20news", lambda i: 1)
+    splits = load_data("20news", data_dir=tmp_path, val_size=3)
+    for data in (splits.train, splits.val, splits.test):
+        assert data.y is None and "class_names" not in data.meta
+        assert "every document 1" in data.meta["labels_note"]
+    assert splits.train.batch(torch.arange(3)).y is None
+
+
 @pytest.mark.skipif(not (REAL_20NEWS / "train.feat").is_file(), reason="20news files not present")
 def test_real_20news_files():
     splits = load_data("20news", data_dir=REAL_20NEWS)
@@ -172,3 +218,4 @@ def test_real_20news_files():
     # ids count from 1: the most frequent training word is "write" (line 2 of vocab.new), column 1
     totals = np.asarray(splits.train.x.sum(axis=0)).ravel()
     assert vocabulary[int(totals.argmax())] == "write"
+    assert splits.test.y is None and "placeholder" in splits.test.meta["labels_note"]  # every document is labelled 1

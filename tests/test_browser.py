@@ -369,3 +369,50 @@ def test_explorer_of_a_four_dimensional_latent(browser, tmp_path):
         assert page.problems() == []
     finally:
         page.close()
+
+
+# ------------------------------------------------------------------------------- one report per model family
+FAMILY = dict(epochs=2, batch_size=32, progress=False, tensorboard=False, figures=True, seed=0)
+# family -> (model, data, options, a text the report must show for that family)
+FAMILIES = {
+    "vade": ("vade", "digits", dict(hidden=(32,), latent_dim=4, n_clusters=10, train_size=300), "accuracy"),
+    "nvdm": ("nvdm", "20news", dict(hidden=(16,), latent_dim=2, val_size=10), "perplexity"),
+    "sprites": ("beta-vae", "sprites", dict(latent_dim=4, hidden=(32,), train_size=64, val_size=64), "beta"),
+    "cvae": ("cvae", "digits", dict(hidden=(32,), latent_dim=2, train_size=300), "condition"),
+}
+
+
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory):
+    """family -> a tiny trained and evaluated run folder, made on first use."""
+    from conftest import write_bow_corpus
+
+    from elbolab import pipeline
+
+    folders = {}
+
+    def get(family: str) -> Path:
+        if family not in folders:
+            model, data, options, _ = FAMILIES[family]
+            root = tmp_path_factory.mktemp(family)
+            if data == "20news":
+                options = {**options, "data_dir": write_bow_corpus(root / "20news")}
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out = pipeline.train(model, data, out=root / "run", **FAMILY, **options)
+                pipeline.evaluate(out, k=20, limit=50, data_dir=options.get("data_dir"))
+            finally:
+                torch.set_num_threads(before)
+            folders[family] = out
+        return folders[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_model_family_report_in_the_browser(browser, family_run, family):
+    run = family_run(family)
+    text = (run / "index.html").read_text().lower()
+    assert FAMILIES[family][3] in text, f"the {family} report does not mention {FAMILIES[family][3]!r}"
+    check_layout_and_errors(browser, run / "index.html", f"report-{family}")

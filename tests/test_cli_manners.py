@@ -79,6 +79,14 @@ def test_short_help_on_every_level(capsys):
     assert "--overwrite" in out and "--reg-covar" in out
 
 
+def test_threads_is_offered_and_a_bad_count_refused_before_any_work(capsys, tmp_path):
+    for command in ("train", "eval"):
+        code, out, _ = run(capsys, command, "-h")
+        assert code == 0 and "--threads" in out and "OMP_NUM_THREADS" in out, command
+    refused(capsys, "train", "vae", "--out", tmp_path / "r", "--threads", "0", expected=("--threads N >= 1", "0"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_models_listed_from_source_match_the_registry(capsys):
     from elbolab.cli import _registered_models_from_source
     from elbolab.models import available_models

@@ -30,6 +30,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "hvae": ("digits", HIERARCHY),
     "hiwae": ("digits", HIERARCHY),
     "ladder-vae": ("digits", HIERARCHY),
+    "ladder-iwae": ("digits", HIERARCHY),
     "nvdm": ("20news", dict(hidden=(16,), latent_dim=2)),
     "cvae": ("digits", dict(hidden=(16,), latent_dim=2)),
     "vade": ("digits", dict(hidden=(16,), latent_dim=2, n_clusters=3)),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
+from elbolab import evaluate as evaluate_module
 from elbolab.data import Batch
 from elbolab.errors import ElbolabError
 from elbolab.estimators import LogLikelihoodEstimate, importance_sampled_log_px, naive_log_px, plan_chunks
@@ -506,3 +507,63 @@ def test_sticking_the_landing_has_zero_encoder_gradient_at_the_exact_posterior(p
     plain = torch.stack([encoder_gradient(lambda b, c: type(model).loss(model, b, c), s) for s in range(5)])
     assert stl.abs().max() < 1e-4
     assert plain.std(0).max() > 1e-2
+
+
+def test_quick_budget_keeps_everything_that_fits_and_shrinks_what_does_not():
+    from elbolab.evaluate import quick_budget_examples
+
+    assert quick_budget_examples(10_000, 100.0, target_seconds=60) == 10_000  # within twice the target
+    sizes = [quick_budget_examples(10_000, s, target_seconds=60, minimum=500) for s in (121, 300, 600, 2_400, 1e6)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < 10_000
+    assert sizes[1] == 2_000 and sizes[2] == 1_000  # 60 s of a 300 s / 600 s run, in hundreds
+    assert sizes[-1] == 500  # never below the minimum
+    assert quick_budget_examples(300, 1e6, minimum=500) == 300  # nor above the split
+    with pytest.raises(ElbolabError):
+        quick_budget_examples(0, 10.0)
+
+
+def test_estimated_seconds_scale_the_timed_block_by_examples_and_samples(monkeypatch):
+    import time
+
+    from elbolab.data.core import TensorData
+    from elbolab.evaluate import estimated_log_px_seconds
+
+    torch.manual_seed(0)
+    model = build_model("vae", ModelConfig(input_dim=16, latent_dim=2, hidden=(8,)))
+    data = TensorData(torch.rand(64, 16).round(), None, None, "none", "tiny")
+    ticks = iter(float(t) for t in range(100))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))  # every timed block takes 1 s
+    # 8 examples x 64 samples timed; 64 examples x 6,400 samples is 8 x 100 times that
+    assert estimated_log_px_seconds(model, data, 6_400) == pytest.approx(800.0)
+    assert estimated_log_px_seconds(model, data.head(4), 16) == pytest.approx(1.0)  # 4 x 16 timed as they are
+
+
+def test_the_default_budget_scores_the_first_examples_that_fit_and_says_so(tmp_path, monkeypatch, capsys):
+    from elbolab import pipeline
+    from elbolab.cli import main
+
+    run = pipeline.train("vae", "digits", out=tmp_path / "run", epochs=1, latent_dim=2, hidden=(8,), train_size=64,
+                         progress=False, tensorboard=False, figures=False)
+    from elbolab.loading import load_run_data
+
+    split_size = len(load_run_data(json.loads((run / "config.json").read_text())["data"]).test)
+    # 6 s per example: the whole split "would take" half an hour; the budget keeps what fits a minute (>= 100 here)
+    monkeypatch.setattr(pipeline, "estimated_log_px_seconds", lambda model, data, k: 6.0 * len(data))
+    monkeypatch.setattr(pipeline, "quick_budget_examples",
+                        lambda n, seconds: evaluate_module.quick_budget_examples(n, seconds, minimum=100))
+    assert main(["eval", str(run), "--iw-samples", "3"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((run / "eval.json").read_text())
+    assert record["limit"] == record["log_px"]["n_examples"] == 100 and record["limit_reason"] == "budget"
+    assert record["split_size"] == split_size
+    assert "the default budget scores the first 100" in out and f"100 examples of {split_size}" in out
+    assert "(the default budget; eval --full scores all)" in (run / "index.html").read_text()
+    assert main(["eval", str(run), "--iw-samples", "3", "--full"]) == 0  # the papers' protocol: everything
+    record = json.loads((run / "eval.json").read_text())
+    assert record.get("limit") is None and record["log_px"]["n_examples"] == split_size
+    assert main(["eval", str(run), "--iw-samples", "3", "--limit", "20"]) == 0  # asked for: no budget on top
+    record = json.loads((run / "eval.json").read_text())
+    assert record["limit"] == 20 and record["limit_reason"] == "--limit"
+    capsys.readouterr()
+    assert main(["eval", str(run), "--full", "--limit", "20"]) != 0
+    assert "give one of the two" in capsys.readouterr().err

@@ -8,17 +8,29 @@ import math
 
 import pytest
 import torch
+from test_evaluate import PPCA  # noqa: I001  (the pPCA reference lives beside the evaluator's tests)
+from test_evaluate import SIGMA as PPCA_SIGMA
 from torch.autograd.functional import jacobian
-from torch.distributions import Independent, Normal, TransformedDistribution
+from torch.distributions import (
+    AffineTransform,
+    ExpTransform,
+    Independent,
+    LogNormal,
+    Normal,
+    Transform,
+    TransformedDistribution,
+    constraints,
+)
 from torch.nn import functional as F
 
 from elbolab import pipeline
 from elbolab.data import load_data
 from elbolab.models import get_model_class
 from elbolab.models.base import check_parameter_groups
-from elbolab.models.flow_vae import MADE, FlowVAE, IAFTransform, PlanarTransform, planar_u_hat
+from elbolab.models.flow_vae import IDENTITY_OFFSET, MADE, FlowVAE, IAFTransform, PlanarTransform, planar_u_hat
 from elbolab.models.vae import VAE
 from elbolab.models.vampprior import VampPrior
+from elbolab.objectives import detach_distribution
 from elbolab.schedules import StepContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,3 +317,157 @@ def test_train_and_evaluate_through_the_pipeline(name, options, tmp_path):
     assert result.get("kl_per_dim") is None  # no per-dimension KL: the record leaves it out
     assert math.isfinite(result["elbo"]) and result["elbo"] <= result["log_px"]["mean"] + 1
     assert get_model_class(name).registry_name == name
+
+
+# ----------------------------------------------------------------------------- (g) stop-gradient log q_K (STL)
+
+def learned_flow(flow: str, d: int, n: int) -> tuple[TransformedDistribution, list[torch.Tensor]]:
+    """q_K with every parameter a leaf that requires grad: the base's loc and log scale, and the flow's (planar
+    u, w, b per row; the IAF's MADE weights and its context). Returns q and those parameters."""
+    g = torch.Generator().manual_seed(3)
+    loc = torch.randn(n, d, generator=g, dtype=DTYPE).requires_grad_(True)
+    log_scale = (0.3 * torch.randn(n, d, generator=g, dtype=DTYPE)).requires_grad_(True)
+    base = Independent(Normal(loc, log_scale.exp()), 1)
+    if flow == "planar":
+        raw = [(1.5 * torch.randn(n, d, generator=g, dtype=DTYPE)).requires_grad_(True) for _ in range(4)]
+        offsets = [torch.randn(n, generator=g, dtype=DTYPE).requires_grad_(True) for _ in range(2)]
+        steps = [PlanarTransform(raw[0], raw[1], offsets[0]), PlanarTransform(raw[2], raw[3], offsets[1])]
+        flow_parameters = raw + offsets
+    else:
+        context = torch.randn(n, 3, generator=g, dtype=DTYPE).requires_grad_(True)
+        steps = [iaf(d, False, context, seed=1).with_cache(1), iaf(d, True, context, seed=2).with_cache(1)]
+        flow_parameters = [context] + [p for t in steps for p in t.made.parameters()]
+    return TransformedDistribution(base, steps), [loc, log_scale] + flow_parameters
+
+
+def grad_log_q_by_the_forward_map(q: TransformedDistribution, z0: torch.Tensor) -> torch.Tensor:
+    """d log q_K(z_K) / d z_K at z_K = F(z0), from the forward map F alone (no inverse, no log |det| code):
+    log q_K(F(z0)) = log q_0(z0) - log |det J_F(z0)|, so grad_{z_K} = J_F(z0)^-T grad_{z0}[log q_0 - log |det J_F|].
+    ``z0`` [n, d] (one draw per row); returns [n, d]."""
+    base = Independent(Normal(q.base_dist.mean.detach(), q.base_dist.stddev.detach()), 1)
+
+    def forward(z):
+        for t in q.transforms:
+            z = t._call(z)
+        return z
+
+    z0 = z0.detach().requires_grad_(True)
+    full = jacobian(forward, z0, create_graph=True)  # [n, d, n, d]
+    jacobians = torch.stack([full[i, :, i, :] for i in range(z0.shape[0])])  # [n, d, d]
+    log_q = base.log_prob(z0) - torch.linalg.slogdet(jacobians)[1]  # [n]
+    (grad_z0,) = torch.autograd.grad(log_q.sum(), z0)  # [n, d]
+    return torch.linalg.solve(jacobians.detach().transpose(-1, -2), grad_z0.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("flow", ["planar", "iaf"])
+def test_detached_flow_keeps_log_q_and_passes_gradients_only_through_z(flow):
+    d, n = 3, 4
+    q, parameters = learned_flow(flow, d, n)
+    torch.manual_seed(11)
+    z = q.rsample()  # [n, d], one draw per row, with the graph to every parameter
+    torch.manual_seed(11)
+    z0 = q.base_dist.rsample()  # the same draw of z_0
+    stopped = detach_distribution(q)
+    assert torch.allclose(stopped.log_prob(z), q.log_prob(z), atol=1e-9)  # the value is log q_K(z)
+    # with z a leaf, nothing reaches the parameters: base and flow, amortised or not
+    z_leaf = z.detach().requires_grad_(True)
+    grads = torch.autograd.grad(stopped.log_prob(z_leaf).sum(), [z_leaf, *parameters], allow_unused=True)
+    assert all(g is None or bool((g == 0).all()) for g in grads[1:])
+    # ... and the gradient in z is that of log q_K, computed from the forward map alone
+    reference = grad_log_q_by_the_forward_map(q, z0)  # [n, d]
+    assert torch.allclose(grads[0], reference, atol=1e-7)
+    # through the reparameterised z: the path derivative (d log q / dz) dz/dtheta, unlike the total gradient
+    path = torch.autograd.grad(stopped.log_prob(z).sum(), parameters, allow_unused=True, retain_graph=True)
+    by_chain_rule = torch.autograd.grad(z, parameters, grad_outputs=reference, allow_unused=True,
+                                        retain_graph=True)
+    for got, expected in zip(path, by_chain_rule):
+        assert (got is None) == (expected is None) and (got is None or torch.allclose(got, expected, atol=1e-7))
+    total = torch.autograd.grad(q.log_prob(z).sum(), parameters, allow_unused=True)
+    assert any(t is not None and not torch.allclose(t, p, atol=1e-3) for t, p in zip(total, path))
+
+
+def test_detached_torch_transforms_and_the_refusal_of_unknown_ones():
+    loc = torch.tensor([0.3, -1.0], dtype=DTYPE, requires_grad=True)
+    scale = torch.tensor([0.5, 2.0], dtype=DTYPE, requires_grad=True)
+    q = TransformedDistribution(Normal(torch.zeros(2, dtype=DTYPE), torch.ones(2, dtype=DTYPE)),
+                                [AffineTransform(loc, scale), ExpTransform()])  # a log-normal, batch [2]
+    z = q.rsample((3,))  # [3, 2]
+    stopped = detach_distribution(q)
+    reference = LogNormal(loc.detach(), scale.detach())  # torch's own density
+    assert torch.allclose(stopped.log_prob(z), reference.log_prob(z), atol=1e-12)
+    z_leaf = z.detach().requires_grad_(True)
+    grads = torch.autograd.grad(stopped.log_prob(z_leaf).sum(), [z_leaf, loc, scale], allow_unused=True)
+    z_ref = z.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference.log_prob(z_ref).sum(), z_ref)
+    assert grads[1] is None and grads[2] is None and torch.allclose(grads[0], expected, atol=1e-12)
+
+    class Shift(Transform):  # a learned transform without a detached() rule
+        domain = codomain = constraints.real
+        bijective = True
+
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def _call(self, x):
+            return x + self.shift
+
+        def _inverse(self, y):
+            return y - self.shift
+
+        def log_abs_det_jacobian(self, x, y):
+            return torch.zeros_like(x)
+
+    unknown = TransformedDistribution(Normal(0.0, 1.0), [Shift(loc)])
+    with pytest.raises(NotImplementedError, match="no rule for the transform Shift; give it a detached"):
+        detach_distribution(unknown)
+
+
+def exact_posterior_flow_vae(gradient: str) -> tuple[FlowVAE, torch.Tensor]:
+    """flow-vae on pPCA with orthogonal decoder columns (a diagonal exact posterior), its encoder set to output that
+    posterior and its planar flows the identity (as they start): q_K(z|x) = p(z|x) exactly. float64."""
+    ppca = PPCA(seed=0)
+    w, _ = torch.linalg.qr(ppca.W)
+    ppca.W = w * torch.tensor([1.5, 0.7], dtype=DTYPE)
+    ppca.M = ppca.W.T @ ppca.W + PPCA_SIGMA**2 * torch.eye(2, dtype=DTYPE)
+    ppca.A = torch.linalg.solve(ppca.M, ppca.W.T)
+    ppca.post_cov = PPCA_SIGMA**2 * torch.linalg.inv(ppca.M)
+    d_in = ppca.W.shape[0]
+    torch.manual_seed(0)
+    model = FlowVAE(FlowVAE.config_class(input_dim=d_in, latent_dim=2, hidden=(2 * d_in,), activation="relu",
+                                         likelihood="gaussian", sigma=PPCA_SIGMA, flow="planar", flows=2,
+                                         gradient=gradient))
+    model.decoder = torch.nn.Linear(2, d_in)
+    model.double()
+    enc = model.encoder
+    with torch.no_grad():
+        model.decoder.weight.copy_(ppca.W)
+        model.decoder.bias.copy_(ppca.b)
+        enc.body[0].weight.copy_(torch.cat([torch.eye(d_in), -torch.eye(d_in)]))  # h = [relu(x), relu(-x)]
+        enc.body[0].bias.zero_()
+        enc.loc.weight.copy_(torch.cat([ppca.A, -ppca.A], dim=1))  # A relu(x) - A relu(-x) = A x
+        enc.loc.bias.copy_(-ppca.A @ ppca.b)
+        enc.log_var.weight.zero_()
+        enc.log_var.bias.copy_(ppca.post_cov.diagonal().log())
+        start = model.flow.head.bias.view(2, 5)  # [K, 2d + 1] = (u, w, b) per step, as float64 now
+        w = start[:, 2:4]
+        start[:, :2] = IDENTITY_OFFSET * w / w.pow(2).sum(-1, keepdim=True)  # u_hat = 0 to float64 rounding
+    x = ppca.sample_x(6, seed=1).double()
+    steps = model.base_and_transforms(x)[1]
+    assert max(float(t.u_hat.detach().abs().max()) for t in steps) < 1e-12  # the identity
+    return model, x
+
+
+def test_stl_gives_flow_vae_a_zero_encoder_and_flow_gradient_at_the_exact_posterior():
+    grads = {}
+    for gradient in ("stl", "plain"):
+        model, x = exact_posterior_flow_vae(gradient)
+        torch.manual_seed(4)
+        loss = model(x, StepContext(mc_samples=3)).loss
+        q_grads = torch.autograd.grad(loss, model.q_parameters(), allow_unused=True)
+        grads[gradient] = max(0.0 if g is None else float(g.abs().max()) for g in q_grads)
+        flow_grads = torch.autograd.grad(model(x, StepContext(mc_samples=3)).loss, list(model.flow.parameters()))
+        grads[gradient + " flow"] = max(float(g.abs().max()) for g in flow_grads)
+    # every draw: d/dz [log p(x, z) - log q(z)] = 0 at q = p(z|x), so only a non-path term could move phi
+    assert grads["stl"] < 1e-9 and grads["stl flow"] < 1e-9
+    assert grads["plain"] > 1e-2 and grads["plain flow"] > 1e-2  # the score term: zero only on average

@@ -363,6 +363,52 @@ def test_cli_fit_writes_parameters_labels_and_plots(tmp_path, method):
     assert "converged" in result.output
 
 
+def test_cli_names_the_axes_after_the_csv_header(tmp_path, monkeypatch):
+    """A CSV with a header: its column names label the axes of components.png and contours.png (not "feature 1/2")
+    and are kept in params.json; without a header, "feature 1", "feature 2"."""
+    from elbolab.classical import gmm_cli
+
+    X = blobs(n_per=40, dim=2, seed=3)
+    path = tmp_path / "points.csv"
+    np.savetxt(path, X, delimiter=",", header="height_cm, weight kg", comments="")
+    drawn = {}
+
+    def keep_labels(name, make):
+        def wrapper(*args, **kwargs):
+            fig = make(*args, **kwargs)
+            drawn[name] = (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel())
+            return fig
+        return wrapper
+
+    monkeypatch.setattr(gmm_cli, "components_figure", keep_labels("components", gmm_cli.components_figure))
+    monkeypatch.setattr(gmm_cli, "contours_figure", keep_labels("contours", gmm_cli.contours_figure))
+    result = CliRunner().invoke(app, ["fit", str(path), "-k", "3", "--out", str(tmp_path / "named")])
+    assert result.exit_code == 0, result.output
+    assert drawn == {"components": ("height_cm", "weight kg"), "contours": ("height_cm", "weight kg")}
+    assert json.loads((tmp_path / "named" / "params.json").read_text())["columns"] == ["height_cm", "weight kg"]
+    np.savetxt(tmp_path / "bare.csv", X, delimiter=",")
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "bare.csv"), "-k", "3", "--out", str(tmp_path / "bare")])
+    assert result.exit_code == 0, result.output
+    assert drawn["components"] == drawn["contours"] == ("feature 1", "feature 2")
+    assert gmm_cli.load_table(path)[1] == ["height_cm", "weight kg"] and gmm_cli.load_table(tmp_path / "bare.csv")[1] \
+        is None
+    np.testing.assert_array_equal(gmm_cli.load_matrix(path), gmm_cli.load_table(path)[0])
+
+
+def test_cli_names_a_one_column_csv_and_the_first_two_of_many(tmp_path):
+    from elbolab.classical.gmm_cli import axis_names, components_figure
+
+    assert axis_names(["a", "b", "c"], 3) == ["a", "b", "c"] and axis_names(None, 2) == ["feature 1", "feature 2"]
+    assert axis_names(["a"], 2) == ["feature 1", "feature 2"]  # names that do not fit the columns are not used
+    X = np.random.default_rng(0).normal(size=(50, 1))
+    fig = components_figure(X, np.zeros(50, dtype=int), np.zeros((2, 1)), np.ones((2, 1, 1)), [0.999, 0.001],
+                            np.array([False, True]), "t", ["age"])
+    assert fig.axes[0].get_xlabel() == "age"
+    assert len(fig.axes[0].lines) == 1  # the pruned component's curve (flat at 0) is not drawn, and says so
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "1: w = 0.999", "not drawn: pruned component 2 (weight < 0.01)"]
+
+
 def test_cli_reports_em_and_vb_bounds_per_sample(tmp_path):
     """Both methods' bounds in nats per sample, so their curves share a scale: the VB ELBO / N lies within a few
     nats of EM's mean log-likelihood (it bounds the log evidence), not N times it."""

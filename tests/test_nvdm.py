@@ -1,16 +1,22 @@
 """NVDM: the document likelihood, perplexity, log p(d) against quadrature, training and alternation, topics."""
 
+import html
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_bow_corpus
 from torch.distributions import Categorical, Multinomial
 
-from elbolab import loading, pipeline, runs, topics
+from elbolab import loading, pipeline, plots, runs, topics
 from elbolab.data import load_data
+from elbolab.data.bow import NEWSGROUPS
 from elbolab.errors import ElbolabError
 from elbolab.estimators import importance_sampled_log_px
+from elbolab.figures.standard import standard_figures
 from elbolab.models.nvdm import NVDM, NVDMConfig, WordSequence, perplexity
 
 V, K = 12, 3
@@ -93,7 +99,8 @@ def test_training_evaluation_and_files(trained):
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 3 and all(math.isfinite(r["elbo"]) and "loss_encoder" in r for r in train)
     assert (trained / "vocabulary.txt").read_text().split() == [f"word{j}" for j in range(V)]
-    assert (trained / "figures" / "topics.png").is_file() and len((trained / "topics.txt").read_text().split("\n")) > K
+    assert len((trained / "topics.txt").read_text().split("\n")) > K
+    assert not (trained / "figures" / "topics.png").exists()  # words are text in the report, not a picture
     result = pipeline.evaluate(trained, k=50, refresh_report=False)
     metrics = result["model_metrics"]
     assert metrics["documents"] == 20 and metrics["empty_documents_left_out"] == 0
@@ -173,3 +180,75 @@ def test_a_plural_or_capitalised_word_finds_its_lemma_when_that_is_unambiguous(t
     text = topics.neighbours(trained, ["Word0s"], n=2)
     assert text.startswith("Word0s (as 'word0'): ")
     assert topics.neighbours(trained, ["word0"], n=2).split(": ", 1)[1] == text.split(": ", 1)[1]
+
+
+def test_report_topics_table_holds_each_dimensions_top_words_as_text(trained):
+    """index.html's Topics section: one row per latent dimension, its top 10 words as text in a cell (the words of
+    'elbolab topics'), its spread and, once evaluated, its KL; no picture of text."""
+    pipeline.evaluate(trained, k=20, refresh_report=True)
+    page = (trained / "index.html").read_text(encoding="utf-8")
+    section = re.search(r'<section id="topics"><h2>Topics</h2>(.*?)</section>', page, re.S)
+    assert section is not None
+    rows = re.findall(r"<tr>(.*?)</tr>", section.group(1), re.S)
+    header, body = rows[0], rows[1:]
+    assert "Top 10 words" in header and "Spread of R_j" in header and "KL (nats)" in header
+    model, vocabulary = topics.load_topic_model(trained)
+    expected = {f"h{j}": " ".join(words) for j, words in topics.top_words(model, vocabulary, 10)}
+    cells = [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in body]
+    assert len(cells) == K and {c[0] for c in cells} == set(expected)
+    for dim, words, spread, kl in cells:
+        assert words == expected[dim] and len(words.split()) == 10
+        assert float(spread) > 0 and float(kl) >= 0
+    spreads = [float(c[2]) for c in cells]
+    assert spreads == sorted(spreads, reverse=True)  # the dimensions the decoder uses most first
+    saved = json.loads((trained / "topics.json").read_text())
+    assert [f"h{t['dim']}" for t in saved["topics"]] == [c[0] for c in cells]
+
+
+def test_latent_scatter_is_coloured_by_newsgroup_with_a_legend_of_names(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path / "20news", n_train=60, n_test=38)
+    for name in ("train.feat", "test.feat"):  # the newsgroups 1..20 (the conftest corpus labels every document 1)
+        lines = (folder / name).read_text().splitlines()
+        (folder / name).write_text("".join(f"{i % 20 + 1} {line.partition(' ')[2]}\n" for i, line in enumerate(lines)))
+    splits = load_data("20news", data_dir=folder, val_size=10)
+    present = sorted(set(splits.test.y.tolist()))
+    assert len(present) == 20
+    keep = splits.test.y != 3  # leave one newsgroup out of the test split: the others keep their colours
+    splits.test.y, splits.test.x = splits.test.y[keep], splits.test.x[keep.numpy()]
+    splits.test.source_index = splits.test.source_index[keep]
+    figures = {}
+
+    def keep_figure(fig, path, original=plots.save_figure):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        figures[Path(path).name] = (
+            legend.get_title().get_text() if legend else None,
+            [t.get_text() for t in legend.get_texts()] if legend else [],
+            [tuple(c.get_facecolor()[0]) for c in ax.collections if len(c.get_offsets())])
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep_figure)
+    model = NVDM(NVDMConfig.from_data(splits.train, latent_dim=K, hidden=(16,)))
+    standard_figures(model, tmp_path / "run", splits)
+    title, entries, colours = figures["latent_scatter.png"]
+    names = [e.rsplit(" (", 1)[0] for e in entries]  # "rec.sport.hockey (2)": the name and its number of codes
+    assert title.startswith("newsgroup")
+    assert names == [NEWSGROUPS[g] for g in range(20) if g != 3]  # every newsgroup present, by name, none absent
+    assert len(colours) == 19 and len(set(colours)) == 19  # one colour per newsgroup present
+    palette = plots.class_colours(20)
+    assert colours[3][:3] == pytest.approx(palette[4][:3])  # the colour of newsgroup 4 does not shift to 3's
+
+
+def test_latent_scatter_says_why_it_is_not_coloured_for_the_nvdm_files(corpus, tmp_path, monkeypatch):
+    splits = load_data("20news", data_dir=corpus, val_size=10)  # every document labelled 1, as the NVDM files
+    assert splits.test.y is None
+    titles = {}
+
+    def keep_title(fig, path, original=plots.save_figure):
+        titles[Path(path).name] = fig.axes[0].get_title()
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep_title)
+    standard_figures(NVDM(NVDMConfig.from_data(splits.train, latent_dim=K, hidden=(16,))), tmp_path / "run", splits)
+    assert "not coloured by label" in titles["latent_scatter.png"]
+    assert "every document 1" in titles["latent_scatter.png"]

@@ -59,6 +59,39 @@ def test_image_grid_png_and_layout_follow_ncols(tmp_path):
     assert tall.shape[0] > 1.5 * tall.shape[1]
 
 
+def test_grid_shape_is_the_most_square_layout_that_divides_n():
+    assert plots.grid_shape(16) == (4, 4)
+    assert [plots.grid_shape(n) for n in (1, 3, 4, 6, 10, 12, 36, 64, 100)] == [
+        (1, 1), (1, 3), (2, 2), (2, 3), (2, 5), (3, 4), (6, 6), (8, 8), (10, 10)]
+    # no full layout within 2.5:1 (7, 13, 14 = 2 x 7): the fewest empty cells of a near-square one, in the last row
+    assert [plots.grid_shape(n) for n in (7, 13, 14)] == [(2, 4), (3, 5), (3, 5)]
+    for n in range(1, 200):
+        rows, cols = plots.grid_shape(n)
+        assert rows * cols >= n > (rows - 1) * cols and rows <= cols  # no empty row, never taller than wide
+        if any(n % r == 0 and r <= n // r <= 2.5 * r for r in range(1, n + 1)):
+            assert rows * cols == n, n  # a full grid whenever there is one
+    with pytest.raises(ElbolabError, match="at least one image"):
+        plots.grid_shape(0)
+
+
+def test_sixteen_samples_make_a_four_by_four_grid(tmp_path):
+    """``elbolab sample RUN -n 16`` (plot_image_grid without ncols): 4 x 4 images, not 10 + 6 with grey fillers."""
+    images = torch.ones(16, 64)  # white 8 x 8 images: the mid-grey gutters between them are the only grey lines
+    pixels = grey(mpimg.imread(plots.plot_image_grid(images, (8, 8), tmp_path / "s16.png")))
+    gutter = np.abs(pixels - 0.5) < 0.1
+    top, bottom = np.flatnonzero(gutter.any(axis=1))[[0, -1]]
+    left, right = np.flatnonzero(gutter.any(axis=0))[[0, -1]]
+    white = pixels[top:bottom + 1, left:right + 1] > 0.95  # the mosaic, without the white page around it
+    cols = white.any(axis=0)  # columns crossing an image
+    rows = white.any(axis=1)
+
+    def runs_of(mask):
+        return int((np.diff(mask.astype(int)) == 1).sum() + mask[0])
+
+    assert runs_of(cols) == 4 and runs_of(rows) == 4
+    assert 0.8 < pixels.shape[1] / pixels.shape[0] < 1.25  # about square
+
+
 def test_image_grid_accepts_title_and_rejects_bad_shapes(tmp_path):
     read_png(plots.plot_image_grid(torch.rand(3, D), SHAPE, tmp_path / "t.png", title="Samples"))
     with pytest.raises(ElbolabError, match=r"\[N, 30\]"):
@@ -200,6 +233,55 @@ def test_latent_scatter_variants(tmp_path):
     read_png(plots.plot_latent_scatter(z, rng.integers(0, 50, 300), tmp_path / "s3.png", method="first2"))
     with pytest.raises(ElbolabError, match="one label per"):
         plots.plot_latent_scatter(z, np.zeros(299), tmp_path / "s4.png")
+
+
+def test_latent_scatter_names_its_classes_one_colour_each():
+    """20 classes with names (the 20 newsgroups): one colour per class present, the legend by name; a class's colour
+    is fixed by its id, so it does not change when another class is absent."""
+    rng = np.random.default_rng(9)
+    names = [f"group.{c}" for c in range(20)]
+    labels = rng.integers(0, 20, 600)
+    labels[labels == 5] = 6  # class 5 absent
+    fig = plots.latent_scatter_figure(rng.normal(size=(600, 4)), labels, label_name="newsgroup", class_names=names)
+    ax = fig.axes[0]
+    entries = [t.get_text() for t in ax.get_legend().get_texts()]
+    present = sorted(set(labels.tolist()))
+    assert entries == [f"{names[c]} ({int((labels == c).sum())})" for c in present]
+    colours = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+    assert len(colours) == 19 and len(set(colours)) == 19
+    palette = plots.class_colours(20)
+    assert all(colour[:3] == pytest.approx(palette[c][:3]) for colour, c in zip(colours, present))
+    # neighbouring classes (comp.graphics, comp.os...) get different hues, not two shades of one
+    assert palette[1] != palette[0] and palette[0] == matplotlib.colormaps["tab20"](0)
+    assert palette[1] == matplotlib.colormaps["tab20"](2) and palette[10] == matplotlib.colormaps["tab20"](1)
+    assert fig.get_size_inches()[0] >= 1.8 * fig.get_size_inches()[1]  # a wide figure: the report shows it full width
+    matplotlib.pyplot.close(fig)
+    one = plots.latent_scatter_figure(rng.normal(size=(50, 2)), np.ones(50), label_name="newsgroup",
+                                      class_names=["a", "b"], note="why not coloured")
+    assert one.axes[0].get_legend() is None and "every code has newsgroup b" in one.axes[0].get_title()
+    assert "why not coloured" in one.axes[0].get_title()
+    matplotlib.pyplot.close(one)
+
+
+def test_report_topics_table_from_topics_json(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    topics = [{"dim": 2, "words": ["god", "jesus", "church"], "spread": 0.5},
+              {"dim": 0, "words": ["game", "team", "<hockey>"], "spread": 0.25}]
+    (run / "topics.json").write_text(json.dumps({"top": 3, "topics": topics}))
+    (run / "eval.json").write_text(json.dumps({"split": "test", "kl_per_dim": [1.5, 0.0, 3.25]}))
+    page = write_report(run).read_text(encoding="utf-8")
+    section = page[page.index('<section id="topics">'):]
+    section = section[:section.index("</section>")]
+    assert "<td>h2</td><td>god jesus church</td>" in section
+    assert "<td>h0</td><td>game team &lt;hockey&gt;</td>" in section
+    assert section.index("h2") < section.index("h0")  # in the file's order (largest spread first)
+    assert '<td class="num">3.25</td>' in section and "KL (nats)" in section  # each dimension's KL from eval
+    assert "<img" not in section  # text, not a picture of text
+    (run / "topics.json").write_text("[1, 2]")
+    assert "holds no list of topics" in write_report(run).read_text(encoding="utf-8")
+    (run / "topics.json").unlink()
+    assert '<section id="topics">' not in write_report(run).read_text(encoding="utf-8")
 
 
 def test_kl_per_dim_bar_chart(tmp_path):

@@ -32,6 +32,7 @@ OUTPUTS = ("params.json", "labels.npy", "curve.csv", "curve.png", "contours.png"
 # A variational-Bayes component whose expected weight is below this is drawn and listed as pruned: VB empties the
 # components the data do not need (their weight tends to 0) instead of sharing the points among all K.
 PRUNED_WEIGHT = 0.01
+PRUNED_COLOUR = "0.6"  # pruned components: faint grey, dotted, no marker (a red or black x would read as a point)
 
 
 @app.callback()
@@ -65,6 +66,12 @@ def _read_text(path: Path) -> str:
 def load_matrix(path: Path) -> np.ndarray:
     """A numeric [N, D] float64 array from .npy or .csv (comma-separated UTF-8 text, optional header row; 1-D = one
     feature)."""
+    return load_table(path)[0]
+
+
+def load_table(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """(the [N, D] array of ``load_matrix``, the column names of a .csv's header row or None): the figures name
+    their axes after the columns."""
     import numpy as np
 
     from elbolab.data.arrays import is_number_cell  # one CSV cell rule for every reader
@@ -72,6 +79,7 @@ def load_matrix(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"expected a data file, got no file at {path}")
     suffix = path.suffix.lower()
+    names = None
     if suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -82,6 +90,7 @@ def load_matrix(path: Path) -> np.ndarray:
         rows = [row for row in csv.reader(io.StringIO(_read_text(path), newline=""))
                 if any(cell.strip() for cell in row)]
         if rows and not all(is_number_cell(cell) for cell in rows[0]):
+            names = [cell.strip() or f"column {j + 1}" for j, cell in enumerate(rows[0])]
             rows = rows[1:]  # header line
         widths = {len(row) for row in rows}
         if not rows or len(widths) != 1:
@@ -101,7 +110,14 @@ def load_matrix(path: Path) -> np.ndarray:
         array = array[:, None]
     if array.ndim != 2 or array.size == 0:
         raise DataError(f"expected a 2-D array [n_samples, n_features] in {path}, got shape {array.shape}")
-    return array.astype(np.float64)
+    return array.astype(np.float64), names
+
+
+def axis_names(names, n_features: int) -> list[str]:
+    """The name of each column: the CSV header's, else "feature 1", "feature 2", ... (counting from 1)."""
+    if names is not None and len(names) == n_features:
+        return [str(n) for n in names]
+    return [f"feature {j + 1}" for j in range(n_features)]
 
 
 def _plot_curve(history, ylabel: str, path: Path) -> None:
@@ -110,9 +126,11 @@ def _plot_curve(history, ylabel: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(np.arange(1, len(history) + 1), history, marker=".")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole iterations, no 1.25 ticks
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
     fig.tight_layout()
@@ -120,28 +138,69 @@ def _plot_curve(history, ylabel: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: Path) -> None:
-    import matplotlib
+def _legend_below(ax, handles, title: str, ncol: int) -> None:
+    """The legend under the axes, in type large enough for the report, which shows the figure at about 2/3 size (the
+    axis labels too)."""
+    ax.xaxis.label.set_fontsize(11)
+    ax.yaxis.label.set_fontsize(11)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=ncol, fontsize=11,
+              title=title, title_fontsize=11, frameon=False, columnspacing=1.2)
+
+
+def _pruned_handle(pruned: np.ndarray, drawn: bool = True, left_out: str = "not marked"):
+    """The one legend entry of every pruned component: a faint dotted grey line, no marker (``drawn=False``: an
+    empty handle saying what the figure leaves out, ``left_out``)."""
     import numpy as np
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    which = ", ".join(str(k + 1) for k in np.flatnonzero(pruned))
+    plural = "s" if pruned.sum() > 1 else ""
+    if not drawn:
+        return Line2D([], [], ls="none", label=f"{left_out}: pruned component{plural} {which} "
+                                               f"(weight < {PRUNED_WEIGHT:g})")
+    return Line2D([], [], color=PRUNED_COLOUR, ls=":", lw=1.2,
+                  label=f"pruned (weight < {PRUNED_WEIGHT:g}): component{plural} {which}")
 
+
+def contours_figure(model, X: np.ndarray, labels: np.ndarray, title: str, pruned: np.ndarray | None = None,
+                    names=None):
+    """2-D data coloured by component (the colours of components.png), the log density of the mixture as contours,
+    a black x at the mean of each used component; pruned components get no marker (their mean is the prior's,
+    where no data are) and are named in the legend. The axes carry the columns' names."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    k = len(model.means_)
+    pruned = np.zeros(k, dtype=bool) if pruned is None else np.asarray(pruned, dtype=bool)
     low, high = X.min(0), X.max(0)
     pad = 0.1 * (high - low) + 1e-9
     gx, gy = np.meshgrid(np.linspace(low[0] - pad[0], high[0] + pad[0], 150),
                          np.linspace(low[1] - pad[1], high[1] + pad[1], 150))
     density = model.score_samples(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.scatter(X[:, 0], X[:, 1], c=labels, s=6, cmap="tab10", alpha=0.6)
+    fig = Figure(figsize=(6.2, 5.6), dpi=100)
+    ax = fig.add_subplot()
+    colours = [f"C{j % 10}" for j in range(k)]
+    ax.scatter(X[:, 0], X[:, 1], c=[colours[j] for j in labels], s=6, alpha=0.5, linewidths=0)
     levels = np.linspace(density.max() - 12.0, density.max(), 13)
     contour = ax.contour(gx, gy, density, levels=levels, cmap="viridis", linewidths=0.8)
     fig.colorbar(contour, ax=ax, label="log density")
-    ax.scatter(model.means_[:, 0], model.means_[:, 1], marker="x", c="red", s=50)
-    ax.set_title(title)
+    used = ~pruned
+    means = np.asarray(model.means_)
+    ax.plot(means[used, 0], means[used, 1], marker="x", ms=9, mew=2.2, color="black", ls="none")
+    handles = [Line2D([], [], marker="x", ms=8, mew=2, color="black", ls="none", label="mean of a used component")]
+    if pruned.any():
+        handles.append(_pruned_handle(pruned, drawn=False))
+    xlabel, ylabel = axis_names(names, X.shape[1])[:2]
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _legend_below(ax, handles, "", ncol=1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _plot_contours(model, X: np.ndarray, labels: np.ndarray, title: str, path: Path, pruned=None,
+                   names=None) -> None:
+    contours_figure(model, X, labels, title, pruned, names).savefig(path, dpi=100, bbox_inches="tight")
 
 
 def full_covariances(covariances, covariance_type: str, n_components: int, n_features: int) -> np.ndarray:
@@ -166,48 +225,60 @@ def pruned_components(weights, method: str) -> np.ndarray:
     return (w < PRUNED_WEIGHT) if method == "vb" else np.zeros(w.shape, dtype=bool)
 
 
-def _plot_components(X: np.ndarray, labels: np.ndarray, means: np.ndarray, covs: np.ndarray, weights,
-                     pruned: np.ndarray, title: str):
-    """The data (features 1 and 2) coloured by component, each component's mean and its 1- and 2-s.d. ellipses;
-    pruned components dashed grey. The legend sits below the axes, never over the points."""
+def components_figure(X: np.ndarray, labels: np.ndarray, means: np.ndarray, covs: np.ndarray, weights,
+                      pruned: np.ndarray, title: str, names=None):
+    """The data (the first two columns, named after the CSV header when there is one) coloured by component, each
+    used component's mean (x) and its 1- and 2-s.d. ellipses in its colour; a pruned component (variational Bayes,
+    weight < PRUNED_WEIGHT) only as a faint dotted grey 1-s.d. ellipse with no marker, all pruned ones in one
+    legend entry. The legend sits below the axes, never over the points."""
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse
 
     fig = Figure(figsize=(6.4, 5.6), dpi=100)
     ax = fig.add_subplot()
     colours = [f"C{k % 10}" for k in range(len(means))]
+    columns = axis_names(names, X.shape[1])
+    handles = []
     if X.shape[1] == 1:
         grid = np.linspace(X.min() - 0.1 * np.ptp(X) - 1e-9, X.max() + 0.1 * np.ptp(X) + 1e-9, 400)
-        ax.hist(X[:, 0], bins=40, density=True, color="0.8", label="data")
+        ax.hist(X[:, 0], bins=40, density=True, color="0.8")
         for k, (mean, cov, w) in enumerate(zip(means, covs, weights)):
+            if pruned[k]:
+                continue  # weight ~0: its curve is flat at zero
             sd = float(np.sqrt(cov[0, 0]))
             density = w * np.exp(-0.5 * ((grid - mean[0]) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
-            ax.plot(grid, density, color="0.5" if pruned[k] else colours[k], ls="--" if pruned[k] else "-",
-                    label=f"{k + 1}: w = {w:.3f}" + (" (pruned)" if pruned[k] else ""))
-        ax.set(xlabel="feature 1", ylabel="density", title=title)
+            ax.plot(grid, density, color=colours[k], ls="-")
+            handles.append(Line2D([], [], color=colours[k], lw=2, label=f"{k + 1}: w = {w:.3f}"))
+        ax.set(xlabel=columns[0], ylabel="density", title=title)
+        legend_title = "component: weight (curves: weight x density)"
     else:
         ax.scatter(X[:, 0], X[:, 1], c=[colours[k] for k in labels], s=7, alpha=0.5, linewidths=0)
         for k, (mean, cov, w) in enumerate(zip(means, covs, weights)):
             values, vectors = np.linalg.eigh(cov[:2, :2])
             angle = float(np.degrees(np.arctan2(vectors[1, -1], vectors[0, -1])))
-            style = dict(edgecolor="0.45", ls="--", lw=1.0) if pruned[k] else dict(edgecolor=colours[k], lw=1.6)
-            for n_sd in (1, 2):
+            for n_sd in ((1,) if pruned[k] else (1, 2)):
                 width, height = 2 * n_sd * np.sqrt(np.maximum(values[::-1], 0))
-                ax.add_patch(Ellipse(mean[:2], width, height, angle=angle, fill=False, alpha=1.0 if n_sd == 1
-                                     else 0.6, **style))
-            ax.plot(mean[0], mean[1], marker="x", ms=9, mew=2.2, color="0.45" if pruned[k] else "black",
-                    ls="none", label=f"{k + 1}: w = {w:.3f}" + (" (pruned)" if pruned[k] else ""))
-        ax.set(xlabel="feature 1", ylabel="feature 2", title=title)
+                style = (dict(edgecolor=PRUNED_COLOUR, ls=":", lw=1.0, alpha=0.8) if pruned[k] else
+                         dict(edgecolor=colours[k], lw=1.6, alpha=1.0 if n_sd == 1 else 0.6))
+                ax.add_patch(Ellipse(mean[:2], width, height, angle=angle, fill=False, **style))
+            if not pruned[k]:
+                ax.plot(mean[0], mean[1], marker="x", ms=9, mew=2.2, color="black", ls="none")
+                handles.append(Line2D([], [], color=colours[k], lw=2, marker="x", mec="black", mew=2, ms=7,
+                                      label=f"{k + 1}: w = {w:.3f}"))
+        ax.set(xlabel=columns[0], ylabel=columns[1], title=title)
         ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=min(3, len(means)), fontsize=9,
-              title="component: weight (x = mean; ellipses 1 and 2 s.d.)", title_fontsize=9, frameon=False)
+        legend_title = "component: weight (x = mean; ellipses 1 and 2 s.d.)"
+    if pruned.any():  # 1-D: a pruned component's curve is flat at 0 and not drawn
+        handles.append(_pruned_handle(pruned, drawn=X.shape[1] > 1, left_out="not drawn"))
+    _legend_below(ax, handles, legend_title, ncol=min(2, len(handles)))
     fig.tight_layout()
     return fig
 
 
 def write_fit_report(out: Path, X: np.ndarray, labels: np.ndarray, params: dict, history: np.ndarray,
-                     source: Path) -> Path:
+                     source: Path, names=None) -> Path:
     """index.html of a ``gmm fit`` folder: the numbers, the components over the data (components.png), the bound
     per iteration in nats per sample, and a table of the components."""
     import numpy as np
@@ -219,18 +290,22 @@ def write_fit_report(out: Path, X: np.ndarray, labels: np.ndarray, params: dict,
     covs = full_covariances(params["covariances"], params["covariance_type"], k, X.shape[1])
     weights = np.asarray(params["weights"], dtype=np.float64)
     pruned = pruned_components(weights, method)
-    what = "features 1 and 2 of " + str(X.shape[1]) if X.shape[1] > 2 else ""
-    title = f"{method.upper()} {params['covariance_type']}, K = {k}" + (f" ({what})" if what else "")
-    fig = _plot_components(X, labels, means, covs, weights, pruned, title)
+    columns = axis_names(names, X.shape[1])
+    what = f"{columns[0]} and {columns[1]} of {X.shape[1]} columns" if X.shape[1] > 2 else ""
+    used = f" ({k - int(pruned.sum())} used)" if pruned.any() else ""
+    title = f"{method.upper()} {params['covariance_type']}, K = {k}{used}" + (f"\n{what}" if what else "")
+    fig = components_figure(X, labels, means, covs, weights, pruned, title, names)
     fig.savefig(out / "components.png", dpi=100, bbox_inches="tight")
     components_png = (out / "components.png").read_bytes()
     figures = [figure_html(components_png, "The data coloured by their most probable component, each component's "
-                           "mean and its 1- and 2-s.d. ellipses" + ("; pruned components dashed grey"
-                                                                     if method == "vb" else ""))]
+                           "mean and its 1- and 2-s.d. ellipses" + (
+                               f"; pruned components (weight < {PRUNED_WEIGHT:g}, unused by the data) as a faint "
+                               "dotted grey ellipse, without a mean marker" if pruned.any() else ""))]
     figures.append(figure_html((out / "curve.png").read_bytes(),
                                params["bound_name"][:1].upper() + params["bound_name"][1:] + " per iteration"))
     if (out / "contours.png").is_file():
-        figures.append(figure_html((out / "contours.png").read_bytes(), "Log density of the fitted mixture"))
+        figures.append(figure_html((out / "contours.png").read_bytes(), "Log density of the fitted mixture" + (
+            "; x marks the mean of each used component (pruned ones are not marked)" if pruned.any() else "")))
     rows = []
     for j in range(k):
         counts = int(np.sum(labels == j))
@@ -356,7 +431,7 @@ def fit_command(
     if not reg_covar >= 0:
         raise ElbolabError(f"expected --reg-covar >= 0, got {reg_covar}; the default is 1e-6")
     check_output_folder(out, OUTPUTS, overwrite=overwrite)
-    X = load_matrix(data)
+    X, names = load_table(data)
     _check_no_overflow(X, data)
     if method == "vb":
         _check_vb_prior(X, covariance, data)
@@ -381,7 +456,8 @@ def fit_command(
         (out / name).unlink(missing_ok=True)
     bound_name, bound, history = bound_per_sample(model, method, X.shape[0])
     params = {"method": method, "covariance_type": covariance, "n_components": n_components,
-              "n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "seed": seed,
+              "n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "columns": axis_names(names, X.shape[1]),
+              "seed": seed,
               "reg_covar": reg_covar,
               "converged": bool(model.converged_), "n_iter": int(model.n_iter_), "bound_name": bound_name,
               "lower_bound": bound, "weights": _tolist(model.weights_),
@@ -399,9 +475,12 @@ def fit_command(
     written = ["params.json", "labels.npy", "curve.csv", "curve.png"]
     _plot_curve(history, bound_name, out / "curve.png")
     if X.shape[1] == 2:
-        _plot_contours(model, X, labels, f"{method.upper()} {covariance}, K = {n_components}", out / "contours.png")
+        pruned = pruned_components(model.weights_, method)
+        used = f" ({n_components - int(pruned.sum())} used)" if pruned.any() else ""
+        _plot_contours(model, X, labels, f"{method.upper()} {covariance}, K = {n_components}{used}",
+                       out / "contours.png", pruned, names)
         written.append("contours.png")
-    write_fit_report(out, X, labels, params, history, data)
+    write_fit_report(out, X, labels, params, history, data, names)
     written += ["components.png", "index.html"]
     status = f"converged in {model.n_iter_} iterations" if model.converged_ else (
         f"NOT converged after {model.n_iter_} iterations (try a larger --max-iter or --tol)")

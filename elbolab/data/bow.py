@@ -7,7 +7,12 @@ order) and labels as y when there are any.
 * ``--data 20news``: ``train.feat`` / ``test.feat`` (one document per line: ``label id:count id:count ...``, word
   ids counting from 1 as the lines of ``vocab.new``, whose lines are ``word [anything]``), found in data_dir,
   data_dir/20news or $ELBOLAB_DATA/20news. The validation split is drawn from train.feat by seed; test is
-  test.feat (Miao, Yu & Blunsom 2016 use the same train/test files).
+  test.feat (Miao, Yu & Blunsom 2016 use the same train/test files). The labels are the newsgroups, numbered 0..C-1
+  in the order of the files' label values, named in ``meta["class_names"]`` (``meta["label_name"]`` is
+  "newsgroup"): by an optional ``newsgroups.txt`` in the same folder (one name per line, for the label values in
+  increasing order), else, for 20 label values, by the 20 newsgroups in alphabetical order (the order of the
+  20news-bydate folders and of scikit-learn's ``target_names``). The NVDM files label every document 1 (a
+  placeholder, not a newsgroup): such files give no labels (y is None) and say so in ``meta["labels_note"]``.
 * ``load_bow_npz(path)``: a scipy.sparse ``save_npz`` file (or ``numpy.savez`` of data/indices/indptr/shape with
   format "csr"), optionally with a ``vocabulary`` string array and labels ``y`` in the same archive, or a sibling
   ``<stem>.vocab.txt`` (one word per line). Split like any array file (15% test, val_size validation).
@@ -47,6 +52,14 @@ DEFAULT_VAL_SIZE = 1000  # 20news: validation documents drawn from train.feat
 FILE_VAL_SIZE = 0.15  # .npz and text folders, as for array files
 DEFAULT_MAX_FEATURES = 2000  # the vocabulary size of the NVDM paper's 20News experiments
 TEXT_SUFFIX = ".txt"
+NEWSGROUPS_FILE = "newsgroups.txt"  # optional: the newsgroup name of each label value, in increasing order
+# The 20 newsgroups in alphabetical order: the folders of 20news-bydate, scikit-learn's fetch_20newsgroups target_names.
+NEWSGROUPS = (
+    "alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware", "comp.sys.mac.hardware",
+    "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles", "rec.sport.baseball", "rec.sport.hockey",
+    "sci.crypt", "sci.electronics", "sci.med", "sci.space", "soc.religion.christian", "talk.politics.guns",
+    "talk.politics.mideast", "talk.politics.misc", "talk.religion.misc",
+)
 
 
 def _check_counts_binarize(binarize: str, where) -> None:
@@ -164,6 +177,32 @@ def find_20news_dir(data_dir: str | os.PathLike | None = None) -> Path:
                     "pass --data-dir DIR (data_dir=DIR) or set ELBOLAB_DATA=DIR")
 
 
+def newsgroup_labels(y_train: torch.Tensor, y_test: torch.Tensor, folder: Path):
+    """(train labels, test labels, meta) of the .feat label values: class ids 0..C-1 in increasing order of the
+    values, with their newsgroup names (module docstring); (None, None, a note) when every document carries the same
+    label (the NVDM files' placeholder 1), which says nothing about its newsgroup."""
+    values = torch.cat([y_train, y_test]).unique()  # sorted
+    if len(values) == 1:
+        note = f"the 20news files label every document {int(values[0])}, a placeholder, not its newsgroup"
+        return None, None, {"labels_note": note}
+    names_path = folder / NEWSGROUPS_FILE
+    if names_path.is_file():
+        try:
+            names = [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"could not read {names_path} ({error})") from None
+        if len(names) != len(values):
+            raise DataError(f"{names_path} names {len(names)} newsgroups but the .feat files hold {len(values)} label "
+                            f"values ({', '.join(str(int(v)) for v in values[:25])}): expected one name per line for "
+                            "each label value, in increasing order")
+    elif len(values) == len(NEWSGROUPS):
+        names = list(NEWSGROUPS)
+    else:
+        names = [str(int(v)) for v in values]
+    meta = {"class_names": names, "label_name": "newsgroup", "label_values": [int(v) for v in values]}
+    return torch.searchsorted(values, y_train), torch.searchsorted(values, y_test), meta
+
+
 @register_source("20news")
 def load_20news(*, data_dir=None, binarize: str = "none", seed: int = 0,
                 val_size: ValSize = DEFAULT_VAL_SIZE) -> DataSplits:
@@ -175,11 +214,12 @@ def load_20news(*, data_dir=None, binarize: str = "none", seed: int = 0,
     vocabulary = read_vocabulary(folder / VOCAB_FILE)
     x_train, y_train = read_feat(folder / "train.feat", len(vocabulary))
     x_test, y_test = read_feat(folder / "test.feat", len(vocabulary))
+    y_train, y_test, label_meta = newsgroup_labels(y_train, y_test, folder)
     n = x_train.shape[0]
     n_val = resolve_val_count(val_size, n, n - 1, f"20news ({n} training documents)")
     order = torch.randperm(n, generator=seeded_generator(seed, "split"))
     val_index, train_index = order[:n_val].sort().values, order[n_val:].sort().values
-    meta = {"vocabulary": vocabulary}
+    meta = {"vocabulary": vocabulary, **label_meta}
     return DataSplits(
         train=rows_to_split("20news/train", x_train, y_train, train_index, None, binarize, meta=meta),
         val=rows_to_split("20news/val", x_train, y_train, val_index, None, binarize, meta=meta),

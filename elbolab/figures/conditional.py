@@ -97,5 +97,7 @@ def conditional_figures(model, run_dir, splits, *, seed: int = 0, n_images: int 
     if metrics_path.exists():
         records, _ = runs.read_metrics(metrics_path)
         paths.append(plots.plot_training_curves(records, fig_dir / "curves.png"))
-    paths.append(plots.plot_latent_scatter(model.latent_means(batch)["z"], batch.y, fig_dir / "latent_scatter.png"))
+    paths.append(plots.plot_latent_scatter(model.latent_means(batch)["z"], batch.y, fig_dir / "latent_scatter.png",
+                                           label_name=test.meta.get("label_name"),
+                                           class_names=test.meta.get("class_names")))
     return paths

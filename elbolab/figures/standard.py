@@ -43,7 +43,11 @@ def standard_figures(model, run_dir, splits, *, n_samples: int = 100, seed: int 
         paths.append(plot_toy_regions(model, xor_points(), fig_dir / "toy_regions.png"))
     means = next(iter(model.latent_means(batch).values()))
     if scatter:  # a model with its own picture of the codes (VaDE's clusters) leaves this one out
-        paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png"))
+        meta = test.meta or {}
+        paths.append(plots.plot_latent_scatter(means, batch.y, fig_dir / "latent_scatter.png",
+                                               label_name=meta.get("label_name"),
+                                               class_names=meta.get("class_names"),
+                                               note=_no_labels_note(meta) if batch.y is None else None))
     return paths
 
 
@@ -58,3 +62,8 @@ def most_informative_pair(model, batch) -> tuple[int, int]:
     top = sorted(int(j) for j in kl.argsort(descending=True)[:2])
     return (top[0], top[1])
 
+
+
+def _no_labels_note(meta: dict) -> str | None:
+    """Why the scatter is not coloured, when the data say (20news: the NVDM files carry no newsgroup)."""
+    return f"not coloured by label: {meta['labels_note']}" if meta.get("labels_note") else None

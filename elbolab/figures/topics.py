@@ -1,4 +1,5 @@
-"""Figures and text tables of a document model's word vectors (NVDM): the top words per latent dimension.
+"""Text tables of a document model's word vectors (NVDM): the top words per latent dimension, as topics.txt (what
+``elbolab topics`` prints) and topics.json (the report's Topics table: words as text, not a picture of text).
 
 The NVDM decoder is p(w|h) = softmax(R^T h + b) (Miao, Yu & Blunsom 2016); column w of R is word w's vector R_w
 (``model.word_vectors()`` [V, K]); for latent dimension j the top words are those with the largest R_jw.
@@ -6,16 +7,17 @@ The NVDM decoder is p(w|h) = softmax(R^T h + b) (Miao, Yu & Blunsom 2016); colum
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from elbolab import plots
 from elbolab.errors import ElbolabError
 
 VOCABULARY_FILE = "vocabulary.txt"
-FIGURE_DIMS = 16  # dimensions shown in figures/topics.png
-FIGURE_WORDS = 8
+TOPICS_TEXT = "topics.txt"
+TOPICS_JSON = "topics.json"  # read by the report (elbolab.report) for its Topics table
+TOPIC_WORDS = 10
 
 
 def write_vocabulary(run_dir, vocabulary) -> Path:
@@ -52,18 +54,29 @@ def format_topics(rows: list[tuple[int, list[str]]]) -> str:
     return "\n".join(f"dim {j:>{width}}: {' '.join(words)}" for j, words in rows)
 
 
-def topic_figures(model, vocabulary, run_dir) -> list[Path]:
-    """figures/topics.png (the top words of the FIGURE_DIMS dimensions whose R_j spread most) and topics.txt
-    (every dimension's top 10 words)."""
-    run_dir = Path(run_dir)
+def topic_table(model, vocabulary, top: int = TOPIC_WORDS) -> list[dict]:
+    """One record per latent dimension j, largest ``spread`` first: {"dim": j, "words": the ``top`` words with the
+    largest R_jw, "spread": the s.d. of R_jw over the vocabulary (how much raising h_j reshapes p(w|h); a dimension
+    the decoder ignores has a small spread and a noisy word list)}."""
     vectors = word_vectors(model)  # [V, K]
-    text_path = run_dir / "topics.txt"
-    text_path.write_text(format_topics(top_words(model, vocabulary, 10)) + "\n", encoding="utf-8")
-    dims = vectors.std(dim=0).argsort(descending=True)[:FIGURE_DIMS].sort().values.tolist()
-    rows = top_words(model, vocabulary, FIGURE_WORDS, dims)
-    fig = plots.plt.figure(figsize=(11.0, 0.42 * len(rows) + 1.0))
-    fig.suptitle(f"NVDM: top words (largest R_jw) of the {len(rows)} dimensions whose R_j spread most", fontsize=13)
-    for i, (j, words) in enumerate(rows):
-        fig.text(0.02, 1 - (i + 1.6) / (len(rows) + 2), f"h{j:<3d} " + "  ".join(words), fontsize=11,
-                 family="monospace", va="center")
-    return [plots.save_figure(fig, run_dir / "figures" / "topics.png")]
+    spread = vectors.std(dim=0)  # [K]
+    rows = top_words(model, vocabulary, top)
+    return sorted(({"dim": j, "words": words, "spread": float(spread[j])} for j, words in rows),
+                  key=lambda row: (-row["spread"], row["dim"]))
+
+
+def topic_figures(model, vocabulary, run_dir) -> list[Path]:
+    """topics.txt (every dimension's top 10 words, as ``elbolab topics``) and topics.json (the same with each
+    dimension's spread, largest first), which the report shows as its Topics table. A figures/topics.png of an
+    earlier version (the words drawn as an image) is removed."""
+    run_dir = Path(run_dir)
+    text_path = run_dir / TOPICS_TEXT
+    text_path.write_text(format_topics(top_words(model, vocabulary, TOPIC_WORDS)) + "\n", encoding="utf-8")
+    table = {"model": type(model).__name__, "top": TOPIC_WORDS,
+             "about": "top words of each latent dimension j: the largest R_jw of the decoder p(w|h) = "
+                      "softmax(R^T h + b); spread: s.d. of R_jw over the vocabulary",
+             "topics": topic_table(model, vocabulary, TOPIC_WORDS)}
+    json_path = run_dir / TOPICS_JSON
+    json_path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    (run_dir / "figures" / "topics.png").unlink(missing_ok=True)
+    return [text_path, json_path]

@@ -110,6 +110,10 @@ class PlanarTransform(Transform):
     def with_cache(self, cache_size: int = 1):
         return self if self._cache_size == cache_size else PlanarTransform(self.u, self.w, self.b, cache_size)
 
+    def detached(self) -> PlanarTransform:
+        """The same map with u, w, b cut from the graph and an empty cache (``objectives.detach_distribution``)."""
+        return PlanarTransform(self.u.detach(), self.w.detach(), self.b.detach(), self._cache_size)
+
     def _call(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.u_hat * torch.tanh((z * self.w).sum(-1) + self.b).unsqueeze(-1)
 
@@ -186,13 +190,19 @@ class MADE(nn.Module):
         self.s = nn.Linear(hidden, latent_dim)
         nn.init.constant_(self.s.bias, IAF_S_INIT)
 
-    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.linear(z, self.inner.weight * self.mask_in, self.inner.bias)
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None,
+                detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, s) at z ``[..., d]``; ``detach``: with the weights cut from the graph (gradients reach z and the
+        context only)."""
+        def weight(p: torch.Tensor) -> torch.Tensor:
+            return p.detach() if detach else p
+
+        h = F.linear(z, weight(self.inner.weight) * self.mask_in, weight(self.inner.bias))
         if self.context is not None:
-            h = h + self.context(context)
+            h = h + F.linear(context, weight(self.context.weight))
         h = self.act(h)
-        m = F.linear(h, self.m.weight * self.mask_out, self.m.bias)
-        s = F.linear(h, self.s.weight * self.mask_out, self.s.bias)
+        m = F.linear(h, weight(self.m.weight) * self.mask_out, weight(self.m.bias))
+        s = F.linear(h, weight(self.s.weight) * self.mask_out, weight(self.s.bias))
         return full_precision(m), full_precision(s)
 
 
@@ -203,16 +213,29 @@ class IAFTransform(Transform):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, made: MADE, context: torch.Tensor | None = None, cache_size: int = 1):
+    def __init__(self, made: MADE, context: torch.Tensor | None = None, cache_size: int = 1,
+                 detach_parameters: bool = False):
         super().__init__(cache_size=cache_size)
         self.made, self.context = made, context
+        self.detach_parameters = detach_parameters  # the MADE's weights cut from the graph (see ``detached``)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, log sigma) of the last forward call
 
     def with_cache(self, cache_size: int = 1):
-        return self if self._cache_size == cache_size else IAFTransform(self.made, self.context, cache_size)
+        if self._cache_size == cache_size:
+            return self
+        return IAFTransform(self.made, self.context, cache_size, self.detach_parameters)
+
+    def detached(self) -> IAFTransform:
+        """The same map with the MADE's weights and the context cut from the graph and an empty cache
+        (``objectives.detach_distribution``)."""
+        context = None if self.context is None else self.context.detach()
+        return IAFTransform(self.made, context, self._cache_size, detach_parameters=True)
+
+    def _made(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.made(z, self.context, detach=self.detach_parameters)
 
     def _call(self, z: torch.Tensor) -> torch.Tensor:
-        m, s = self.made(z, self.context)
+        m, s = self._made(z)
         self._last = (z, F.logsigmoid(s))
         sigma = torch.sigmoid(s)
         return sigma * z + (1 - sigma) * m
@@ -221,7 +244,7 @@ class IAFTransform(Transform):
         """d passes of z <- (y - (1 - sigma(z)) m(z)) / sigma(z): pass t fixes the t-th variable of the order."""
         z = torch.zeros_like(y)
         for _ in range(y.shape[-1]):
-            m, s = self.made(z, self.context)
+            m, s = self._made(z)
             sigma = torch.sigmoid(s)
             z = (y - (1 - sigma) * m) / sigma
         return z
@@ -231,7 +254,7 @@ class IAFTransform(Transform):
         if self._last is not None and self._last[0] is z and (self._last[1].requires_grad
                                                               or not torch.is_grad_enabled()):
             return self._last[1].sum(-1)  # the forward pass's sigma (not one drawn under no_grad into a graph)
-        return F.logsigmoid(self.made(z, self.context)[1]).sum(-1)
+        return F.logsigmoid(self._made(z)[1]).sum(-1)
 
 
 class IAFFlows(nn.Module):
