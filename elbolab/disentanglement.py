@@ -182,6 +182,8 @@ def factor_vae_score(encode: Encoder, data: FactorData, *, seed: int = 0, batch_
     active = np.flatnonzero(variance >= prune)
     result = {"num_active_dims": int(len(active)), "chance": 1.0 / len(varying)}
     if len(active) == 0:
+        if progress is not None:  # no vote to cast: the images its votes would have drawn count as done
+            progress.update((num_train + num_eval) * batch_size)
         return {**result, "train_accuracy": 0.0, "eval_accuracy": 0.0}
     scale = np.sqrt(np.where(variance > 0, variance, 1.0))  # [d]; collapsed dimensions are never voted for
     d_train, k_train = _factor_vae_votes(encode, data, rng, num_train, batch_size, scale, active, progress)

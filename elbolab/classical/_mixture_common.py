@@ -22,6 +22,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils import check_random_state
 
 from elbolab.errors import DataError, ElbolabError
+from elbolab.progress import Progress
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
@@ -506,27 +507,33 @@ class MixtureBase(DensityMixin, BaseEstimator):
         random_state = check_random_state(self.random_state)
         n_init = 1 if warm else self.n_init
         best = None
-        for init in range(n_init):
-            if self.verbose:
-                print(f"Initialization {init}")
-            if not warm:
-                self._initialize(Xc, Xt, random_state)
-            bound = self.lower_bound_ if warm else -math.inf
-            history, converged, n_iter, change = [], False, 0, math.nan
-            for n_iter in range(1, self.max_iter + 1):
-                previous, bound = bound, self._iterate(Xc)
-                if not math.isfinite(bound):
-                    raise ElbolabError(f"the {self._method_name} bound became {bound} at iteration {n_iter}: "
-                                       "scale the data, raise reg_covar, or use dtype='float64'")
-                history.append(bound)
-                change = bound - previous
-                if self.verbose and n_iter % self.verbose_interval == 0:
-                    print(f"  Iteration {n_iter}\t bound {bound:.6f}\t change {change:.3e}")
-                if abs(change) < self.tol:
-                    converged = True
-                    break
-            if best is None or bound > best[0]:
-                best = (bound, self._get_state(), n_iter, history, converged, change)
+        # progress=True: a bar on a terminal, else a line every 10 s, per restart and within one (the bound so far)
+        with Progress(f"{self._method_name}: {n_init} restart{'s' if n_init > 1 else ''} on {n:,} points", n_init,
+                      "restarts", enabled=bool(self.progress)) as progress:
+            for init in range(n_init):
+                if self.verbose:
+                    print(f"Initialization {init}")
+                if not warm:
+                    self._initialize(Xc, Xt, random_state)
+                bound = self.lower_bound_ if warm else -math.inf
+                history, converged, n_iter, change = [], False, 0, math.nan
+                for n_iter in range(1, self.max_iter + 1):
+                    previous, bound = bound, self._iterate(Xc)
+                    if not math.isfinite(bound):
+                        raise ElbolabError(f"the {self._method_name} bound became {bound} at iteration {n_iter}: "
+                                           "scale the data, raise reg_covar, or use dtype='float64'")
+                    history.append(bound)
+                    change = bound - previous
+                    if self.verbose and n_iter % self.verbose_interval == 0:
+                        print(f"  Iteration {n_iter}\t bound {bound:.6f}\t change {change:.3e}")
+                    progress.set_postfix_str(f"restart {init + 1} at iteration {n_iter}, bound {bound:.4f}")
+                    progress.update(0)  # a line when it is due, even within one long restart
+                    if abs(change) < self.tol:
+                        converged = True
+                        break
+                if best is None or bound > best[0]:
+                    best = (bound, self._get_state(), n_iter, history, converged, change)
+                progress.update(1)
         self.lower_bound_, state, self.n_iter_, self.lower_bound_history_, self.converged_, change = best
         self._set_state(state)
         if not self.converged_ and self.max_iter > 0:

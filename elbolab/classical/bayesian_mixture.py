@@ -97,7 +97,7 @@ class BayesianGaussianMixture(MixtureBase):
                  n_init=1, init_params="kmeans", weight_concentration_prior_type="dirichlet_distribution",
                  weight_concentration_prior=None, mean_precision_prior=None, mean_prior=None,
                  degrees_of_freedom_prior=None, covariance_prior=None, random_state=None, warm_start=False,
-                 verbose=0, verbose_interval=10, dtype="float64", device=None):
+                 verbose=0, verbose_interval=10, dtype="float64", device=None, progress=False):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -117,6 +117,7 @@ class BayesianGaussianMixture(MixtureBase):
         self.verbose_interval = verbose_interval
         self.dtype = dtype
         self.device = device
+        self.progress = progress
 
     # ---------------------------------------------------------------------------------------------- priors
     def _prepare(self, Xc: torch.Tensor) -> None:

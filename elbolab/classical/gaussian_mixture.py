@@ -54,7 +54,7 @@ class GaussianMixture(MixtureBase):
     def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6, max_iter=100,
                  n_init=1, init_params="kmeans", weights_init=None, means_init=None, precisions_init=None,
                  random_state=None, warm_start=False, verbose=0, verbose_interval=10, dtype="float64",
-                 device=None):
+                 device=None, progress=False):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -71,6 +71,7 @@ class GaussianMixture(MixtureBase):
         self.verbose_interval = verbose_interval
         self.dtype = dtype
         self.device = device
+        self.progress = progress
 
     # ------------------------------------------------------------------------------------- fit internals
     # The parameters are float64 whatever the data's dtype: the M-step's small solves and Cholesky factors cost

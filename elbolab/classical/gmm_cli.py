@@ -442,7 +442,7 @@ def fit_command(
     from elbolab.classical import BayesianGaussianMixture, GaussianMixture
 
     settings = dict(n_components=n_components, covariance_type=covariance, random_state=seed,
-                    max_iter=max_iter, tol=tol, n_init=n_init, reg_covar=reg_covar)
+                    max_iter=max_iter, tol=tol, n_init=n_init, reg_covar=reg_covar, progress=True)
     model = GaussianMixture(**settings) if method == "em" else BayesianGaussianMixture(**settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -50,6 +50,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
 from elbolab.errors import ElbolabError
+from elbolab.progress import Progress
 
 NOISE_MODELS = ("gaussian", "flip")
 
@@ -491,12 +492,12 @@ class IsingDenoiser(BaseEstimator):
 
     def __init__(self, coupling=1.0, noise="gaussian", sigma=1.0, flip_prob=0.1, damping=0.5,
                  method="meanfield", schedule="parallel", max_sweeps=1000, tol=1e-4, burn_in=None, n_chains=1,
-                 random_state=None, dtype="float32", kernel="auto", elbo_every=1):
+                 random_state=None, dtype="float32", kernel="auto", elbo_every=1, progress=False):
         self.coupling, self.noise, self.sigma, self.flip_prob = coupling, noise, sigma, flip_prob
         self.damping, self.method, self.schedule = damping, method, schedule
         self.max_sweeps, self.tol, self.burn_in, self.n_chains = max_sweeps, tol, burn_in, n_chains
         self.random_state, self.dtype = random_state, dtype
-        self.kernel, self.elbo_every = kernel, elbo_every
+        self.kernel, self.elbo_every, self.progress = kernel, elbo_every, progress
 
     def _validate(self) -> None:
         self.model_ = IsingModel(self.coupling, self.noise, self.sigma, self.flip_prob)
@@ -527,14 +528,18 @@ class IsingDenoiser(BaseEstimator):
         coupling = float(self.coupling)
         self.elbo_history_, self.log_joint_history_, self.elbo_sweeps_ = [], [], []
         self.kernel_, self.kernel_fallback_ = "eager", None
-        if self.method == "meanfield":
-            self._fit_meanfield(torch.from_numpy(x).to(dtype, copy=True).clamp_(-1.0, 1.0), field, offset, coupling)
-            return self
-        start = torch.from_numpy(np.where(x >= 0, 1.0, -1.0)).to(dtype)  # sign(x), ties to +1
-        if self.method == "icm":
-            self._fit_icm(start, field, offset, coupling)
-        else:
-            self._fit_gibbs(start, field, offset, coupling)
+        # progress=True: a bar on a terminal, else a line every 10 s
+        with Progress(f"{self.method}: at most {self.max_sweeps:,} sweeps (fewer when converged)", self.max_sweeps,
+                      "sweeps", enabled=bool(self.progress)) as self._sweeps:
+            if self.method == "meanfield":
+                mu0 = torch.from_numpy(x).to(dtype, copy=True).clamp_(-1.0, 1.0)
+                self._fit_meanfield(mu0, field, offset, coupling)
+                return self
+            start = torch.from_numpy(np.where(x >= 0, 1.0, -1.0)).to(dtype)  # sign(x), ties to +1
+            if self.method == "icm":
+                self._fit_icm(start, field, offset, coupling)
+            else:
+                self._fit_gibbs(start, field, offset, coupling)
         return self
 
     def _fit_meanfield(self, mu0, field, offset, coupling) -> None:
@@ -551,6 +556,7 @@ class IsingDenoiser(BaseEstimator):
             else:
                 residual = sweeper.sweep()
             self.n_sweeps_ += 1
+            self._sweeps.update(1)
             if residual < self.tol:
                 self.converged_ = True
                 break
@@ -577,6 +583,7 @@ class IsingDenoiser(BaseEstimator):
         for _ in range(self.max_sweeps):
             changed = icm_sweep(padded, z, field, coupling, masks, work)
             self.n_sweeps_ += 1
+            self._sweeps.update(1)
             self.log_joint_history_.append(float(torch_log_joint(z, field, offset, coupling)))
             if changed == 0:
                 self.converged_ = True
@@ -595,6 +602,7 @@ class IsingDenoiser(BaseEstimator):
         total = torch.zeros(z0.shape, dtype=torch.float64)
         for sweep in range(1, self.max_sweeps + 1):
             gibbs_sweep(padded, z, field, coupling, masks, work, generator)
+            self._sweeps.update(1)
             self.log_joint_history_.append(float(torch_log_joint(z, field, offset, coupling).mean()))
             if sweep > burn_in:
                 total += z.sum(dim=0, dtype=torch.float64)

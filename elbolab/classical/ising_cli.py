@@ -197,7 +197,7 @@ def denoise_command(
     clean = builtin_image(size) if image is None else load_png(image)
     noisy = add_gaussian_noise(clean, sigma, seed) if noise == "gaussian" else flip_pixels(clean, p, seed)
     denoiser = IsingDenoiser(coupling=coupling, noise=noise, sigma=sigma, flip_prob=p, damping=damping,
-                             method=method, schedule=schedule, max_sweeps=sweeps, random_state=seed)
+                             method=method, schedule=schedule, max_sweeps=sweeps, random_state=seed, progress=True)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -119,14 +119,15 @@ def vade_kl(q: Independent, prior, log_gamma: torch.Tensor) -> tuple[torch.Tenso
     return kl_z, kl_c
 
 
-def fit_gmm(codes, n_clusters: int, *, covariance: str, n_init: int, selection: str, seed: int, **options):
+def fit_gmm(codes, n_clusters: int, *, covariance: str, n_init: int, selection: str, seed: int,
+            progress: bool = False, **options):
     """EM (``elbolab.classical.GaussianMixture``) on codes [N, d] with ``n_init`` restarts, keeping the likeliest
     (``selection="likelihood"``) or the one with the highest I(z; c) (``"information"``; see ``VaDE.prepare``)."""
     import numpy as np
 
     def em(restarts: int, random_state):
         return GaussianMixture(n_clusters, covariance_type=covariance, n_init=restarts, random_state=random_state,
-                               **options).fit(codes)
+                               progress=progress, **options).fit(codes)
 
     if selection == "likelihood":
         return em(n_init, seed)
@@ -212,7 +213,7 @@ class VaDE(LatentVariableModel):
               f"({c.gmm_n_init} restart{'s' if c.gmm_n_init > 1 else ''}, {c.gmm_covariance} covariances)",
               flush=True)  # seconds to a minute: said before it starts
         gmm = fit_gmm(means, c.n_clusters, covariance=c.gmm_covariance, n_init=c.gmm_n_init,
-                      selection=c.gmm_selection, seed=seed, max_iter=c.gmm_max_iter, reg_covar=floor)
+                      selection=c.gmm_selection, seed=seed, max_iter=c.gmm_max_iter, reg_covar=floor, progress=True)
         self.set_prior(gmm.weights_, gmm.means_, gmm.covariances_)
         if c.q_init == "prior":
             self.start_q_at_the_prior_width()
