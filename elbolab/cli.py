@@ -350,6 +350,15 @@ def _headline(result: dict) -> str:
     return line
 
 
+def _bdmc_reading(gap: float) -> str:
+    """What a BDMC gap says about AIS at this budget (Grosse et al. 2015: the true log p(x) lies between)."""
+    if gap < 0:
+        return "the bounds cross: the gap is below their Monte-Carlo noise, so AIS at this budget is accurate"
+    if gap < 0.5:
+        return "a small gap: AIS at this budget is accurate on data like these"
+    return "a wide gap: neither bound is tight; raise --ais-steps before trusting AIS or IS to better than that"
+
+
 def _subset_note(result: dict) -> str:
     """' (--limit)', or what the default budget left out and how to score everything."""
     if not result.get("limit"):
@@ -418,8 +427,8 @@ def eval_command(
                    f"{ais['seconds']:.0f} s)")
     if "bdmc" in result:
         b = result["bdmc"]
-        typer.echo(f"BDMC on {b['n_examples']} simulated examples: {b['lower']:.2f} <= log p(x) <= {b['upper']:.2f} "
-                   f"(gap {b['gap']:.3f} nats at {b['steps']} steps; a small gap: AIS at this budget is accurate)")
+        typer.echo(f"BDMC on {b['n_examples']} simulated examples: lower {b['lower']:.2f}, upper {b['upper']:.2f} "
+                   f"(gap {b['gap']:.3f} nats at {b['steps']} steps; {_bdmc_reading(b['gap'])})")
     if "disentanglement" in result:
         scores = result["disentanglement"]
         beta, factor = scores["beta_vae"], scores["factor_vae"]

@@ -3,6 +3,7 @@
 gamma schedule, and training and evaluation through the pipeline on digits."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from elbolab import pipeline
 from elbolab.config import TrainConfig, beta_schedule
 from elbolab.data.core import Batch
 from elbolab.errors import ElbolabError
+from elbolab.kl_anatomy import kl_anatomy
 from elbolab.models import ModelConfig, get_model_class
 from elbolab.models.base import LatentVariableModel
 from elbolab.models.factor_vae import FactorVAEConfig
@@ -96,6 +98,59 @@ def test_factor_vae_trains_and_evaluates_on_digits(tmp_path):
     result = pipeline.evaluate(run, k=20, limit=50, refresh_report=False)
     assert result["log_px"]["is_exact_estimate"] is True  # N(0, I) prior: the usual importance sampling
     assert result["log_px"]["mean"] >= result["elbo"] - 0.5  # L_20 above the ELBO, up to the noise of 50 examples
+
+
+def test_validation_logs_the_kl_anatomy_tc_of_the_batch_next_to_the_discriminators():
+    model, batch = factor_vae(), x_batch(n=40)
+    model.train()
+    assert "tc_kl_anatomy" not in model.loss(batch, StepContext()).metrics  # not in training steps: no cost there
+    model.eval()
+    m = model.loss(batch, StepContext()).metrics
+    q = model.encode(batch)
+    expected = kl_anatomy(q.base_dist.loc, q.base_dist.scale, seed=0)["total_correlation"]  # exact aggregate
+    assert m["tc_kl_anatomy"].dim() == 0 and float(m["tc_kl_anatomy"]) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert "tc_estimate" in m  # the discriminator's, on the same batch
+    # its own generator: the global RNG advances exactly as in a training step (trajectory and resume untouched)
+    states = []
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(5)
+        model.loss(batch, StepContext())
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
+def test_the_logged_tc_sees_dependence_between_latent_dimensions_and_its_finite_batch_bias(monkeypatch):
+    """Posteriors N(m_i, s^2 I) with means m_i = (u_i, u_i, u_i) have the aggregate N(0, 1 1^T + s^2 I) for a large
+    batch, whose TC is 0.5 (3 log(1 + s^2) - log(s^4 (s^2 + 3))) (1.13 nats at s = 0.5); independent means give 0.
+    Narrow posteriors (s = 0.05) show the documented finite-batch bias: 400 separate bumps in 3 dimensions whose
+    one-dimensional marginals overlap, so the TC of independent codes comes out nats too high."""
+    from torch.distributions import Independent, Normal
+
+    model = factor_vae().eval()
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(400, 1, generator=g).expand(400, 3)
+    independent = torch.randn(400, 3, generator=g)
+
+    def logged_tc(means, s):
+        monkeypatch.setattr(model, "encode", lambda batch: Independent(Normal(means, torch.full_like(means, s)), 1))
+        return float(model.loss(x_batch(n=400), StepContext()).metrics["tc_kl_anatomy"])
+
+    v = 0.25
+    exact = 0.5 * (3 * math.log(1 + v) - math.log(v * v * (v + 3)))
+    assert logged_tc(shared, 0.5) == pytest.approx(exact, abs=0.25)  # s.e. about 0.08 nats
+    assert abs(logged_tc(independent, 0.5)) < 0.15
+    assert logged_tc(independent, 0.05) > 1.0  # biased high when I(x; z) nears log B (see factor_vae's docstring)
+
+
+def test_the_trainers_validation_record_carries_both_tc_estimates(tmp_path):
+    run = pipeline.train("factor-vae", "digits", out=tmp_path / "v", epochs=1, discriminator_width=16,
+                         discriminator_depth=2, **QUIET)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in records if r["split"] == "val")
+    train = next(r for r in records if r["split"] == "train")
+    assert {"tc_estimate", "tc_kl_anatomy"} <= set(val) and "tc_kl_anatomy" not in train
+    assert val["tc_kl_anatomy"] == val["tc_kl_anatomy"]  # finite, not NaN
 
 
 # --------------------------------------------------------------------------------------------------- beta-vae

@@ -9,6 +9,8 @@ non-standard (a full-covariance q, a mixture prior, a continuous Bernoulli, a le
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +368,16 @@ def test_benchmark_smoke_mode_runs(script, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "smoke test" in done.stdout and "| elbolab" in done.stdout
+
+
+@pytest.mark.parametrize("script, result", [("bench_sandwich.py", "sandwich.json"),
+                                            ("bench_kl_anatomy.py", "kl_anatomy.json")])
+def test_evaluation_benchmark_smoke_mode_runs(script, result, tmp_path):
+    """The sandwich (IS, AIS, BDMC) and KL-anatomy tables of BENCHMARKS.md: tiny digits runs through the CLI."""
+    extra = ["--figure", str(tmp_path / "tc.png")] if "anatomy" in script else []
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--workdir", str(tmp_path / "runs"),
+                           "--out-json", str(tmp_path / result), *extra], capture_output=True, text=True,
+                          timeout=600, cwd=BENCHMARKS, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / result).read_text())
+    assert record and "|" in done.stdout  # a table printed from the result written
