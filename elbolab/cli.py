@@ -80,6 +80,10 @@ def _parse_set(cls, pairs: list[str]) -> dict:
     fields = {f.name for f in cls.config_class.option_fields()}
     options = {}
     for key, text in _parse_assignments(pairs, "--set").items():
+        if key in ("beta", "kl_warmup") and key not in fields:
+            flag = "--beta" if key == "beta" else "--kl-warmup"
+            raise ElbolabError(f"--set {key}: beta is a schedule for every model, not a model option: use {flag} "
+                               f"{text} (or --schedule beta=SPEC, e.g. beta=linear:0:4:10 for a warm-up to 4)")
         if key not in fields:
             raise ElbolabError(f"--set {key}: model {cls.registry_name!r} has no such option; expected one of "
                                f"{sorted(fields)} (see 'elbolab models {cls.registry_name}')")

@@ -270,3 +270,9 @@ def test_available_memory_is_read():
     assert available is None or available > 10**6
     assert outputs.round_down(12449) == 12000 and outputs.round_down(3318614) == 3300000
     assert outputs.round_down(57) == 57
+
+
+def test_set_beta_points_to_the_beta_schedule_before_any_work(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "beta-vae", "--data", "digits", "--set", "beta=4", "--out", tmp_path / "r")
+    assert code == 2 and "use --beta 4" in err and "--schedule beta=" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
