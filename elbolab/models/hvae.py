@@ -25,9 +25,7 @@ Diagnostics per layer: ``latent_means`` and ``kl_terms`` ({"z1": [B, d_1], ...};
 the evaluator counts active units per layer (Burda et al. 2016 s5.2: u active if Cov_x(E_q[z_u|x]) > 0.01).
 E_q[z_l|x] = E_q[mean of q(z_l|parents)] is averaged over ``mean_samples`` joint draws (default 1000; seeded).
 The mean pass (parents at their q-means, ``mean_samples=0``) is exact only for the layer drawn first and for linear
-layers, and it is not negligible: on MNIST (10,000 rows, 5 epochs, latent 64-32-16-8-4, 2000 test images) it counted
-114 active units of the hvae against 112 sampled (z3 15 vs 14, z4 3 vs 2) and 115 of the ladder against 110 (z2 30
-vs 26, z4 3 vs 2); near the threshold it mostly overstated a unit's Cov_x, 1.1-6x (benchmarks/bench_hierarchical.py).
+layers, and the difference is not negligible on MNIST (BENCHMARKS.md, "Active units in a hierarchy").
 """
 
 from __future__ import annotations

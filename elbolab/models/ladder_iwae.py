@@ -18,9 +18,8 @@ top-down and reparameterised:
 p(z_l|z_{l+1}) and q(z_l|z_{l+1}, x) of one draw share its parent z_{l+1}^(i). L_1 is the single-draw ELBO (the
 ladder-vae's objective with its closed-form KLs replaced by one-draw estimates: the same expectation); L_k rises
 with k toward log p(x). ``--set k=...`` (default 10, the paper's). Not here: the paper's fine-tuning, and KL warm-up
-(L_k has no separate KL term to weight; warm up with ``ladder-vae`` and continue with ``--init-from``). At a short
-budget it trails the warmed-up ladder: 5 epochs on 10,000 MNIST rows, test log p(x) -115.83 against -110.43
-(benchmarks/bench_hierarchical.py --models ladder-vae ladder-iwae).
+(L_k has no separate KL term to weight; warm up with ``ladder-vae`` and continue with ``--init-from``). How it compares
+with the ladder at a short budget: BENCHMARKS.md, "Active units in a hierarchy" (benchmarks/bench_hierarchical.py).
 """
 
 from __future__ import annotations
