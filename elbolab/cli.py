@@ -339,8 +339,11 @@ def _headline(result: dict) -> str:
         line += f"; ELBO {result['elbo']:.2f}"
     if "compare" in result:
         c = result["compare"]
-        line += (f"\npaired difference vs {c['other_run']}: {c['mean_difference']:+.3f} +- {c['stderr'] or 0:.3f} "
-                 f"nats (s.e. over {c['n_examples']:,} examples)")
+        mine = c["mean_difference"] + c["other_mean"] if c.get("other_mean") is not None else log_px["mean"]
+        other = f" ({c['other_mean']:.2f})" if c.get("other_mean") is not None else ""
+        line += (f"\npaired difference, this run ({mine:.2f}) minus {c['other_run']}{other}: "
+                 f"{c['mean_difference']:+.3f} +- {c['stderr'] or 0:.3f} nats (s.e. over {c['n_examples']:,} "
+                 "examples, the same for both)")
     if result.get("log_px_note"):
         line += f"\nnote: {result['log_px_note']}"
     if log_px.get("warning"):
@@ -447,12 +450,12 @@ def eval_command(
 def sample_command(
     run_dir: Path = typer.Argument(...),
     n: int = typer.Option(64, "-n", help="number of samples"),
-    out: Path = typer.Option(Path("samples.png"), "--out", help="PNG file to write (default samples.png in the "
-                                                              "current folder; the run folder is never changed)"),
+    out: Path = typer.Option(Path("samples.png"), "--out", help="a .png grid, or a .npy file for the array [n, D] "
+                             "(default samples.png in the current folder; the run folder is never changed)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     seed: int = typer.Option(0),
 ):
-    """Draw samples from the model's prior through its decoder into a PNG grid."""
+    """Draw samples from the model's prior through its decoder into a PNG grid (or a .npy array)."""
     from elbolab import pipeline
 
     typer.echo(str(pipeline.sample(run_dir, n, out, seed, overwrite=overwrite)))

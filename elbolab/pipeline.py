@@ -458,27 +458,36 @@ def make_figures(run_dir, *, model=None, splits=None) -> list[Path]:
 
 
 def sample(run_dir, n: int = 64, out="samples.png", seed: int = 0, *, overwrite: bool = False) -> Path:
-    """Draw ``n`` samples of the run's model (decoder means of z ~ p(z)) into the PNG grid ``out`` (default
-    samples.png in the current folder; the run folder is never changed). An existing ``out`` is replaced only with
-    ``overwrite=True``; ``n`` is refused when the samples and their picture would not fit in memory."""
+    """Draw ``n`` samples of the run's model (decoder means of z ~ p(z)) into ``out`` (default samples.png in the
+    current folder; the run folder is never changed): a PNG grid of images, or with a .npy name the array itself,
+    float32 ``[n, D]`` (any data, images or not). An existing ``out`` is replaced only with ``overwrite=True``;
+    ``n`` is refused when the samples and their picture would not fit in memory."""
     if n < 1:
         raise ElbolabError(f"expected -n >= 1, got {n}")
     model, _ = load_run(run_dir)
-    if model.config.image_shape is None:
-        raise ElbolabError("sample: this run's data are not images; there is nothing to draw")
-    out = check_output_file("samples.png" if out is None else out, ".png", overwrite=overwrite)
+    out = Path("samples.png" if out is None else out)
+    as_array = out.suffix.lower() == ".npy"
+    if model.config.image_shape is None and not as_array:
+        raise ElbolabError("sample: this run's data are not images, so there is no picture to draw; write the "
+                           "samples as an array instead: --out samples.npy")
+    out = check_output_file(out, ".npy" if as_array else ".png", overwrite=overwrite)
     # bytes per sample: the decoder's activations and output (float32, the likelihood's parameters counted twice)
     # and the picture (the float64 mosaic of (H+1) x (W+1) cells and matplotlib's copies of it); 6.4 KB measured
     # per 8x8 digit sample of a 256,128-hidden VAE at n = 400,000, 6.6 KB estimated
-    channels, height, width = model.config.image_shape
+    channels, height, width = model.config.image_shape or (1, 0, 0)
     floats = model.config.latent_dim + sum(getattr(model.config, "hidden", ()) or ()) + 2 * model.config.input_dim
-    per_sample = 4 * floats + 56 * channels * (height + 1) * (width + 1)
+    per_sample = 4 * floats + (0 if as_array else 56 * channels * (height + 1) * (width + 1))
     check_memory(n * per_sample, f"-n {n}", lambda budget: f"use -n {max(round_down(budget // per_sample), 1)} or "
                  "fewer (a grid of more than a few hundred samples is hard to look at anyway)")
     torch.manual_seed(seed)
     with torch.no_grad():
-        images = model.sample(n)
-    return plots.plot_image_grid(images, model.config.image_shape, out, title=f"{n} samples")
+        samples = model.sample(n)  # [n, D]
+    if as_array:
+        import numpy as np
+
+        np.save(out, samples.float().reshape(n, -1).numpy())
+        return out
+    return plots.plot_image_grid(samples, model.config.image_shape, out, title=f"{n} samples")
 
 
 def traverse_run(run_dir, *, dims: Sequence[int] | None = None, steps: int = 9, span: float = 3.0, index: int = 0,

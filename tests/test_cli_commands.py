@@ -180,3 +180,33 @@ def test_traverse_and_holes_into_the_run_folder_refresh_its_report(vae_run, caps
     code, out, err = run(capsys, "traverse", vae_run, "--dims", "0", "--steps", "3")
     assert code == 0 and "report refreshed" in out and (vae_run / "index.html").is_file(), err
     assert "traversals" in (vae_run / "index.html").read_text().lower()
+
+
+def test_sample_writes_the_array_with_a_npy_name_and_the_grid_with_a_png(vae_run, capsys, tmp_path):
+    import numpy as np
+    import torch
+
+    from elbolab.loading import load_run
+
+    code, out, err = run(capsys, "sample", vae_run, "-n", "5", "--out", tmp_path / "s.npy", "--seed", "3")
+    assert code == 0, err
+    array = np.load(tmp_path / "s.npy")
+    model, _ = load_run(vae_run)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = model.sample(5).numpy()  # the same draws: the file holds the decoder means themselves
+    assert array.shape == (5, 64) and array.dtype == np.float32 and np.allclose(array, expected)
+    assert run(capsys, "sample", vae_run, "-n", "5", "--out", tmp_path / "s.txt")[0] == 2  # neither png nor npy
+
+
+def test_compare_names_which_run_minus_which_and_both_values(vae_run, capsys, tmp_path):
+    other = tmp_path / "other"
+    assert main(["train", "vae", "--data", "digits", "--out", str(other), "--latent-dim", "2", "--hidden", "16",
+                 *QUICK]) == 0
+    code, out, err = run(capsys, "eval", vae_run, "--iw-samples", "4", "--limit", "30", "--compare", other)
+    assert code == 0, err
+    record = json.loads((vae_run / "eval.json").read_text())
+    c = record["compare"]
+    line = next(line for line in out.splitlines() if line.startswith("paired difference"))
+    assert f"this run ({record['log_px']['mean']:.2f}) minus {other} ({c['other_mean']:.2f})" in line
+    assert f"{c['mean_difference']:+.3f}" in line
