@@ -91,7 +91,11 @@ def fit_local_posterior(model, batch, *, steps: int = 500, lr: float = 0.05, mc_
     with torch.no_grad():
         if init == "encoder":
             q0 = model.encode(batch)
-            loc0, scale0 = q0.mean, q0.variance.sqrt()
+            try:
+                loc0, scale0 = q0.mean, q0.variance.sqrt()
+            except NotImplementedError:  # a flow posterior has no closed-form moments: match them by sampling
+                draws = q0.sample((1024,))  # [1024, B, d]
+                loc0, scale0 = draws.mean(0), draws.std(0)
         elif init == "prior":
             loc0 = torch.zeros(len(batch), model.config.latent_dim, dtype=param.dtype, device=param.device)
             scale0 = torch.ones_like(loc0)

@@ -208,3 +208,19 @@ def test_amortization_gap_refuses_unknown_options():
         amortization_gap(model, x, proposal="encoder")
     with pytest.raises(ElbolabError, match="expected ais as a dict"):
         amortization_gap(model, x, ais=100)
+
+
+def test_a_flow_posterior_starts_the_local_fit_at_its_sampled_moments():
+    from elbolab.inference import fit_local_posterior
+    from elbolab.models import build_model
+    from elbolab.models.flow_vae import FlowVAEConfig
+
+    torch.manual_seed(0)
+    model = build_model("flow-vae", FlowVAEConfig(input_dim=6, latent_dim=2, hidden=(8,), flow="planar", flows=2))
+    x = torch.rand(4, 6).round()
+    with torch.no_grad():
+        draws = model.encode(x).sample((20_000,))  # [S, B, d]
+    fit = fit_local_posterior(model, x, steps=1, lr=1e-9, init="encoder")  # one negligible step: the start
+    sd = draws.std(0)  # the start is the mean and s.d. of 1,024 draws: within 5 of their standard errors
+    assert ((fit.loc - draws.mean(0)).abs() < 5 * sd / 32).all()
+    assert ((fit.scale - sd).abs() < 5 * sd / (2 * 1024) ** 0.5).all()
