@@ -502,7 +502,7 @@ def holes_command(
                          seed=seed)
     typer.echo(f"prior mass in holes (q(z)/p(z) < {result['threshold']:g}): {result['mass']:.3f} +- "
                f"{result['se']:.3f} (s.e., {result['n_samples']:,} prior samples; q(z) from {result['n_points']:,} "
-               f"{split} examples, {result['plane']})")
+               f"{split} examples, {result['plane']}; p(z) = {result.get('prior_name', 'N(0, I)')})")
     for path in result["figures"]:
         typer.echo(path)
     from elbolab import pipeline

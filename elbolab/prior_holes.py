@@ -1,5 +1,6 @@
-"""Prior holes (notes 001 s2.5, Fig. 2): regions that the prior p(z) = N(0, I) covers but that no training code
-reaches, so the decoder never learned what to put there and samples drawn there look poor.
+"""Prior holes (notes 001 s2.5, Fig. 2): regions that the prior p(z) (N(0, I), or a Gaussian mixture such as the
+VampPrior's, projected to the plane component by component) covers but that no training code reaches, so the
+decoder never learned what to put there and samples drawn there look poor.
 
 The codes actually used are the aggregated posterior (Hoffman & Johnson 2016, "ELBO surgery";
 Makhzani et al. 2016), estimated from n encoded points,
@@ -102,12 +103,42 @@ def hole_mass(q: Distribution, p: Distribution, *, threshold: float = THRESHOLD,
             "n_samples": len(holes)}
 
 
-def _check_standard_normal(prior: Distribution) -> None:
-    ok = (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal) and prior.batch_shape == ()
-          and bool((prior.base_dist.loc == 0).all()) and bool((prior.base_dist.scale == 1).all()))
-    if not ok:
-        raise ElbolabError(f"prior holes: expected a model with the N(0, I) prior, got {type(prior).__name__}; a "
-                           "learned or mixture prior needs its own ratio (not supported)")
+def _is_standard_normal(prior: Distribution) -> bool:
+    return (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal) and prior.batch_shape == ()
+            and bool((prior.base_dist.loc == 0).all()) and bool((prior.base_dist.scale == 1).all()))
+
+
+def prior_in_plane(prior: Distribution, basis: torch.Tensor) -> tuple[Distribution, str]:
+    """The prior's marginal in the plane z -> P^T z (P [d, 2] orthonormal) and its name: N(0, I_2) for N(0, I); for
+    a Gaussian mixture (VampPrior, VaDE's) the mixture of the projected components N(P^T m_k, P^T S_k P). Anything
+    else is refused: its marginal in the plane has no closed form here."""
+    if _is_standard_normal(prior):
+        return Independent(Normal(basis.new_zeros(2), basis.new_ones(2)), 1), "N(0, I)"
+    if isinstance(prior, MixtureSameFamily) and prior.batch_shape == ():
+        components = prior.component_distribution
+        if isinstance(components, Independent) and isinstance(components.base_dist, Normal):
+            covariances = torch.diag_embed(components.base_dist.scale ** 2)  # [K, d, d]
+        elif isinstance(components, MultivariateNormal):
+            covariances = components.covariance_matrix  # [K, d, d]
+        else:
+            covariances = None
+        if covariances is not None:
+            projected = MultivariateNormal(components.mean @ basis, covariance_matrix=basis.T @ covariances @ basis,
+                                           validate_args=False)  # [K] components, event [2]
+            name = f"a mixture of {components.batch_shape[0]:,} Gaussians"
+            return MixtureSameFamily(prior.mixture_distribution, projected, validate_args=False), name
+    raise ElbolabError(f"prior holes: expected a model with the N(0, I) prior or a Gaussian-mixture prior "
+                       f"(VampPrior, VaDE), got {type(prior).__name__}; its marginal in the plane has no closed form "
+                       "here (not supported)")
+
+
+def _on_cpu(plane: Distribution) -> Distribution:
+    if isinstance(plane, MixtureSameFamily):
+        c = plane.component_distribution
+        return MixtureSameFamily(Categorical(logits=plane.mixture_distribution.logits.cpu(), validate_args=False),
+                                 MultivariateNormal(c.loc.cpu(), scale_tril=c.scale_tril.cpu(), validate_args=False),
+                                 validate_args=False)
+    return Independent(Normal(plane.base_dist.loc.cpu(), plane.base_dist.scale.cpu()), 1)
 
 
 @torch.no_grad()
@@ -118,23 +149,29 @@ def analyse(model, data, *, n_points: int = 2000, threshold: float = THRESHOLD, 
     model.eval()
     param = next(model.parameters())
     prior = model.prior()
-    _check_standard_normal(prior)
+    prior_in_plane(prior, torch.eye(prior.event_shape[0], 2))  # refused before any work when not supported
     n = min(n_points, len(data))
     batch = data.batch(torch.arange(n), torch.Generator().manual_seed(seed)).to(param)
     means, covariances = posterior_gaussians(model, batch)  # [n, d], [n, d, d]
     basis, plane = principal_plane(means)
     d = means.shape[1]
     q_plane = aggregated_posterior(means, covariances, basis)
-    p_plane = Independent(Normal(means.new_zeros(2), means.new_ones(2)), 1)
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(n_samples, d, generator=generator).to(param)  # [S, d] ~ p(z)
-    z_plane = z @ basis  # [S, 2] ~ N(0, I_2) since P is orthonormal
+    p_plane, prior_name = prior_in_plane(prior, basis)
+    if prior_name == "N(0, I)":
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn(n_samples, d, generator=generator).to(param)  # [S, d] ~ p(z)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            z = prior.sample((n_samples,))  # [S, d] ~ p(z)
+    z_plane = z @ basis  # [S, 2] ~ p_plane: the projection of a draw is a draw of the projected distribution
     full_samples = min(10_000, n_samples) if d > 2 else 0
     with Progress(f"prior holes: q(z)/p(z) at {n_samples:,} prior draws (a mixture of {n:,} posteriors)"
                   + (f", then {full_samples:,} in the full {d}-d space" if full_samples else ""),
                   total=n_samples + full_samples, unit="draws", enabled=progress) as bar:
         log_ratio = density_ratio(q_plane, p_plane, z_plane, progress=bar)  # [S]
         result = {"plane": plane, "basis": basis.cpu(), "n_points": n, "latent_dim": d, "covered": covered,
+                  "prior_name": prior_name,
                   **hole_mass(q_plane, p_plane, threshold=threshold, log_ratio=log_ratio)}
         full = hole_mass(aggregated_posterior(means, covariances), prior, threshold=threshold,
                          z=z[:full_samples], progress=bar) if full_samples else None
@@ -148,15 +185,17 @@ def analyse(model, data, *, n_points: int = 2000, threshold: float = THRESHOLD, 
         result["covered_images"] = model.decode_mean(z[good][:n_images]).cpu()
     result["aggregated_posterior"] = aggregated_posterior(means.cpu(), covariances.cpu(), basis.cpu())
     result["means_plane"] = (means @ basis).cpu()  # [n, 2]
+    result["prior_plane"] = _on_cpu(p_plane)  # for the figure
     return result
 
 
 def prior_holes(run_dir, *, split: str = "test", n_points: int = 2000, threshold: float = THRESHOLD,
                 covered: float = COVERED, n_samples: int = 100_000, n_images: int = 30, seed: int = 0,
                 figures: bool = True) -> dict:
-    """The prior-hole analysis of a trained run (N(0, I) prior) on ``split``: a JSON-ready dict {"mass", "se",
-    "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim", "full_space"
-    (d > 2), "figures"}; with ``figures`` the density figure (run_dir/figures/prior_holes.png) is drawn."""
+    """The prior-hole analysis of a trained run (an N(0, I) or a Gaussian-mixture prior) on ``split``: a JSON-ready
+    dict {"mass", "se", "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim",
+    "full_space" (d > 2), "prior_name", "figures"}; with ``figures`` the density figure
+    (run_dir/figures/prior_holes.png) is drawn."""
     if split not in ("train", "val", "test"):
         raise ElbolabError(f"prior holes: expected split train, val or test, got {split!r}")
     model, config = load_run(run_dir)
@@ -173,5 +212,5 @@ def prior_holes(run_dir, *, split: str = "test", n_points: int = 2000, threshold
         paths.append(plot_prior_holes(result, Path(run_dir) / runs.FIGURES / "prior_holes.png",
                                       image_shape=model.config.image_shape))
     keep = ("mass", "se", "threshold", "covered", "covered_mass", "n_samples", "n_points", "plane", "latent_dim",
-            "full_space")
+            "full_space", "prior_name")
     return {**{k: result[k] for k in keep if k in result}, "split": split, "figures": [str(p) for p in paths]}

@@ -86,3 +86,34 @@ def test_prior_holes_of_a_trained_run(tmp_path, latent_dim):
         assert result["full_space"]["mass"] > result["mass"] - 0.05
     assert len(result["figures"]) == 1 and (run / "figures" / "prior_holes.png").stat().st_size > 10_000
     assert result["plane"].startswith("latent" if latent_dim == 2 else "first two principal")
+
+
+def test_a_mixture_prior_projects_to_the_mixture_of_projected_components():
+    from torch.distributions import Categorical, MixtureSameFamily
+
+    from elbolab.prior_holes import prior_in_plane
+
+    torch.manual_seed(0)
+    d, k = 5, 3
+    prior = MixtureSameFamily(Categorical(logits=torch.randn(k)),
+                              Independent(Normal(2 * torch.randn(k, d), torch.rand(k, d) + 0.3), 1))
+    basis, _ = torch.linalg.qr(torch.randn(d, 2))  # [d, 2] orthonormal
+    plane, name = prior_in_plane(prior, basis)
+    assert name == "a mixture of 3 Gaussians"
+    projected = prior.sample((200_000,)) @ basis  # draws of the prior, projected: [S, 2]
+    sample_mean, sample_var = projected.mean(0), projected.var(0)
+    se_mean = (sample_var / 200_000).sqrt()
+    assert ((plane.mean - sample_mean).abs() < 5 * se_mean).all()
+    assert ((plane.variance / sample_var - 1).abs() < 0.03).all()
+    # the density integrates to one over a grid of the plane, as a 2-D density must
+    g = torch.linspace(-12, 12, 401)
+    x, y = torch.meshgrid(g, g, indexing="ij")
+    mass = plane.log_prob(torch.stack([x.flatten(), y.flatten()], 1)).exp().sum() * (g[1] - g[0]) ** 2
+    assert abs(float(mass) - 1.0) < 1e-3
+
+
+def test_prior_holes_of_a_vampprior_run_use_its_own_prior(tmp_path):
+    run = pipeline.train("vampprior", "digits", out=tmp_path / "v", epochs=2, latent_dim=3, **FAST)
+    result = prior_holes(run, n_points=200, n_samples=5_000, n_images=6)
+    assert result["prior_name"].startswith("a mixture of") and 0.0 <= result["mass"] <= 1.0
+    assert (run / "figures" / "prior_holes.png").stat().st_size > 10_000

@@ -39,11 +39,13 @@ def plot_prior_holes(result: dict, path, *, image_shape=None, extent: float = EX
     """Left: log q(z) (filled contours) with the prior's 1, 2, 3 sd circles, the holes q/p < t hatched in red and
     the encoded means; then decoded samples z ~ p(z) from the holes and from well-covered regions (image data)."""
     q = result["aggregated_posterior"]
-    p = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    p = result.get("prior_plane") or Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    standard = result.get("prior_name", "N(0, I)") == "N(0, I)"
     gx, gy, points = _grid(extent, resolution)
     with torch.no_grad():
         log_q = torch.cat([q.log_prob(part) for part in points.split(4096)]).numpy().reshape(gx.shape)
-    log_p = p.log_prob(points).numpy().reshape(gx.shape)
+    with torch.no_grad():
+        log_p = torch.cat([p.log_prob(part) for part in points.split(4096)]).numpy().reshape(gx.shape)
     images = image_shape is not None and "hole_images" in result
     fig, axes = plt.subplots(1, 3 if images else 1, figsize=(17 if images else 7, 6),
                              gridspec_kw={"width_ratios": [1.2, 1, 1]} if images else None)
@@ -54,9 +56,12 @@ def plot_prior_holes(result: dict, path, *, image_shape=None, extent: float = EX
     ax.contourf(gx, gy, (log_q - log_p < math.log(t)).astype(float), levels=[0.5, 1.5], colors="none",
                 hatches=["///"])
     ax.contour(gx, gy, (log_q - log_p < math.log(t)).astype(float), levels=[0.5], colors="red", linewidths=1.5)
-    radius = np.sqrt(gx**2 + gy**2)
-    circles = ax.contour(gx, gy, radius, levels=[1, 2, 3], colors="white", linestyles="--", linewidths=1)
-    ax.clabel(circles, fmt={1: "p: 1 sd", 2: "2 sd", 3: "3 sd"}, fontsize=9)
+    if standard:  # the prior's 1, 2, 3 sd circles
+        radius = np.sqrt(gx**2 + gy**2)
+        circles = ax.contour(gx, gy, radius, levels=[1, 2, 3], colors="white", linestyles="--", linewidths=1)
+        ax.clabel(circles, fmt={1: "p: 1 sd", 2: "2 sd", 3: "3 sd"}, fontsize=9)
+    else:  # a mixture prior: its own density's contours
+        ax.contour(gx, gy, log_p, levels=5, colors="white", linestyles="--", linewidths=1)
     means = result["means_plane"].numpy()
     ax.scatter(means[:, 0], means[:, 1], s=2, color="orange", alpha=0.5, label="E[z|x] of the encoded points")
     ax.plot([], [], color="red", label=f"holes: q(z)/p(z) < {t:g} (hatched)")
@@ -66,7 +71,8 @@ def plot_prior_holes(result: dict, path, *, image_shape=None, extent: float = EX
     names = ("z1", "z2") if result["plane"].startswith("latent") else ("principal axis 1", "principal axis 2")
     ax.set_xlabel(names[0], fontsize=12)
     ax.set_ylabel(names[1], fontsize=12)
-    ax.set_title(f"q(z) of {result['n_points']} encoded points vs p(z) = N(0, I)\n{result['plane']}\n"
+    ax.set_title(f"q(z) of {result['n_points']} encoded points vs p(z) = {result.get('prior_name', 'N(0, I)')}\n"
+                 f"{result['plane']}\n"
                  f"prior mass in holes {result['mass']:.4f} ± {result['se']:.4f}", fontsize=12)
     ax.legend(loc="lower left", fontsize=9, framealpha=0.8)
     if images:
