@@ -20,13 +20,17 @@ n = 4096
 rows = rng.integers(0, len(sprites), n)
 best_render, best_encode, best_draw_factors = [], [], []
 for _ in range(5):
-    t = time.perf_counter(); images = sprites.render(rows).float(); best_render.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    images = sprites.render(rows).float()
+    best_render.append(time.perf_counter() - t)
     f = sprites.sample_factors(n, rng)
-    t = time.perf_counter(); sprites.images(f); best_draw_factors.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    sprites.images(f)
+    best_draw_factors.append(time.perf_counter() - t)
     with torch.no_grad():
         t = time.perf_counter()
         for part in images.split(256):
-            model.encode(part).mean
+            _ = model.encode(part).mean
         best_encode.append(time.perf_counter() - t)
 r, e, d = min(best_render), min(best_encode), min(best_draw_factors)
 print(f"render (rows) {n / r:,.0f} images/s; images(factors) {n / d:,.0f} images/s; encoder {n / e:,.0f} "
