@@ -20,6 +20,8 @@ What each timed epoch includes:
            (raw), network outputs cast to float32 before the losses.
   pyro     SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step per batch (Monte-Carlo KL, as Trace_ELBO does),
            plate + scale 1/B so the loss is a batch mean; Pyro's validation is off (grey-level targets).
+  elbolab-torch-step  elbolab with every optimiser step through torch.optim.Adam.step (``optim.fused_adam_step``
+           off): the before of the direct fused-Adam step.
   elbolab-generic (and -bf16)  elbolab with the fused fast path of ``objectives.elbo_terms`` switched off
            (``objectives.FAST_PATH = False`` during the run): the loss built from torch.distributions objects, as
            before issue 22. Setting ELBOLAB_FAST_PATH=0 in the environment switches it off for "elbolab" as well.
@@ -56,9 +58,10 @@ SMOKE_HIDDEN, SMOKE_LATENT = (32,), 4
 
 # ----- contenders: each returns (per-epoch wall-clock seconds, mean loss of the last epoch) -----
 def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, precision: str = "fp32",
-                fast_path: bool | None = None):
-    """``fast_path=False``: objectives.FAST_PATH off during the run (None: as the environment set it)."""
-    from elbolab import objectives
+                fast_path: bool | None = None, direct_adam: bool = True):
+    """``fast_path=False``: objectives.FAST_PATH off during the run (None: as the environment set it);
+    ``direct_adam=False``: optim.fused_adam_step off (every step through torch.optim.Adam.step)."""
+    from elbolab import objectives, optim
     from elbolab.config import TrainConfig
     from elbolab.models import get_model_class
     from elbolab.trainer import Trainer
@@ -79,12 +82,14 @@ def run_elbolab(x: torch.Tensor, train_data, args, seed: int, scratch: Path, pre
         return train_epoch(data)
 
     trainer._train_epoch = timed_epoch
-    fast_before = objectives.FAST_PATH
+    fast_before, direct_before = objectives.FAST_PATH, optim.fused_adam_step
     objectives.FAST_PATH = fast_before if fast_path is None else fast_path
+    if not direct_adam:
+        optim.fused_adam_step = lambda optimizer: False
     try:
         history = trainer.fit(train_data, None)
     finally:
-        objectives.FAST_PATH = fast_before
+        objectives.FAST_PATH, optim.fused_adam_step = fast_before, direct_before
     starts.append(common.now())
     shutil.rmtree(run_dir, ignore_errors=True)
     return common.spans(starts[:-1], starts[1:]), history[-1]["loss"]
@@ -104,6 +109,10 @@ def run_elbolab_generic(x: torch.Tensor, train_data, args, seed: int, scratch: P
 
 def run_elbolab_generic_bf16(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
     return run_elbolab(x, train_data, args, seed, scratch, precision="bf16", fast_path=False)
+
+
+def run_elbolab_torch_step(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
+    return run_elbolab(x, train_data, args, seed, scratch, direct_adam=False)
 
 
 def run_raw_fused_bf16(x: torch.Tensor, train_data, args, seed: int, scratch: Path):
@@ -215,6 +224,7 @@ def paired_ratio(mine: list[float] | None, theirs: list[float]) -> str:
 CONTENDERS = {"elbolab": (run_elbolab, None), "raw+fused": (run_raw_fused, None), "raw": (run_raw, None),
               "elbolab-bf16": (run_elbolab_bf16, None), "raw+fused-bf16": (run_raw_fused_bf16, None),
               "elbolab-generic": (run_elbolab_generic, None),
+              "elbolab-torch-step": (run_elbolab_torch_step, None),
               "elbolab-generic-bf16": (run_elbolab_generic_bf16, None),
               "pythae": (run_pythae, "pythae"),
               "pyro": (run_pyro, "pyro")}

@@ -33,7 +33,7 @@ from elbolab.config import TrainConfig, check_device, check_settings_for
 from elbolab.errors import CheckpointError, ElbolabError, TrainingDiverged, TrainingInterrupted
 from elbolab.loggers import MetricsLog, MetricTotals, epoch_line
 from elbolab.models.base import check_parameter_groups
-from elbolab.optim import adam, any_nonfinite
+from elbolab.optim import adam, any_nonfinite, step_optimizer
 from elbolab.precision import autocast, cpu_has_native_bf16
 from elbolab.progress import Progress, format_duration
 from elbolab.run_folder import RunFolder, check_resume_settings, now_utc
@@ -362,7 +362,7 @@ class Trainer:
         if any_nonfinite(grads + [out.losses[name].detach().reshape(1) for name in names]):  # one pass over all
             self._diverged(out, grads)
         for name in names:
-            self.optimizers[name].step()
+            step_optimizer(self.optimizers[name])
         self.step += 1
 
     def _diverged(self, out, grads) -> None:
