@@ -189,7 +189,7 @@ TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "adam
                "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "beta": "beta",
                "kl_warmup": "kl_warmup_epochs", "mc_samples": "mc_samples", "seed": "seed",
                "checkpoint_every": "checkpoint_every", "keep_best": "keep_best", "device": "device",
-               "precision": "precision"}
+               "precision": "precision", "compile": "compile"}
 DATA_FLAGS = {"binarize": "binarize", "val_size": "val_size", "train_size": "train_size", "data_dir": "data_dir"}
 MODEL_DEFAULT = "[default: the model's own; see 'elbolab models NAME']"
 
@@ -253,6 +253,9 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar and a line per epoch"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
     threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
+    compile: bool = typer.Option(False, "--compile", help="the training step through torch.compile: seconds to "
+                                 "compile, faster for some models (hvae, hiwae, ladder-vae, flow-vae, vampprior), "
+                                 "slower for others; see BENCHMARKS.md"),
 ):
     """Train a model and write a run folder with weights, metrics, figures and a report.
 

@@ -139,6 +139,7 @@ class TrainConfig:
     keep_best: bool = False  # also keep the weights with the best validation ELBO in model.best.safetensors
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (matrix products in bfloat16, sensitive sums in float32) | fp16 (GPU)
+    compile: bool = False  # the model's forward and loss through torch.compile (eager if compiling fails)
 
     def __post_init__(self):
         coerce_fields(self)

@@ -34,23 +34,28 @@ from elbolab.schedules import StepContext
 
 # The default evaluation's budget: about a minute on this machine (issue 22); --full gives the papers' protocol.
 QUICK_EVAL_SECONDS = 60.0
+PROBE_EXAMPLES, PROBE_SAMPLES = 2, 1000  # the cost probe of estimated_log_px_seconds
 QUICK_EVAL_MIN_EXAMPLES = 500  # below this the s.e. over examples (about s.d./sqrt(N)) grows past ~1 nat on MNIST
 
 
 def estimated_log_px_seconds(model: nn.Module, data, k: int) -> float | None:
-    """Seconds importance sampling with K = ``k`` would take on all of ``data`` here: a block of 8 examples x
-    min(k, 64) samples is timed (on its second call; the first pays one-off costs) and scaled linearly in N and K.
-    None when the model cannot importance-sample (the estimator itself says why)."""
+    """Seconds importance sampling with K = ``k`` would take on all of ``data`` here: the estimator itself
+    (``importance_sampled_log_px``, with its blocks, log-sum-exp and statistics) is timed on the first
+    ``PROBE_EXAMPLES`` examples at K = min(k, ``PROBE_SAMPLES``), after a warm-up call at K = 16 (it pays the
+    one-off costs), and scaled linearly in N and K. Blocks of a few samples per example cost less per sample than
+    the evaluation's (a cache-sized block), which is why the probe draws as many as it does. None when the model
+    cannot importance-sample (the estimator itself says why)."""
     import time
 
-    n = min(8, len(data))
-    batch = data.batch(torch.arange(n), torch.Generator().manual_seed(0)).to(model_tensor(model))
-    k_probe = min(k, 64)
+    n = min(PROBE_EXAMPLES, len(data))
+    generator = torch.Generator().manual_seed(0)
+    batch = data.batch(torch.arange(n), generator).to(model_tensor(model))
+    k_probe = min(k, PROBE_SAMPLES)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.importance_samples(batch, k_probe)
+            importance_sampled_log_px(model, batch, k=min(k_probe, 16))
             started = time.perf_counter()
-            model.importance_samples(batch, k_probe)
+            importance_sampled_log_px(model, batch, k=k_probe)
             return (time.perf_counter() - started) * (len(data) / n) * (k / k_probe)
     except (NotImplementedError, ElbolabError):
         return None

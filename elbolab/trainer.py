@@ -86,6 +86,7 @@ class Trainer:
                 self.module = torch.nn.parallel.DistributedDataParallel(model)
             else:  # DDP expects one backward per forward; several groups average their gradients explicitly
                 self._reduce_gradients = True
+        self._compile_pending = config.compile  # compiled on the first step (see _compiled_forward)
         self._like = next(model.parameters())  # the device and dtype batches must have
         self._move_batches = self._like.device.type != "cpu" or self._like.dtype != torch.float32
         self.epoch, self.step = 0, 0
@@ -284,7 +285,7 @@ class Trainer:
             self._resume_point = None
         bar = self._progress(len(batches), start)
         timed = self._estimate_pending  # the first epoch of this session: its first steps give the estimate
-        epoch_started = time.perf_counter()
+        epoch_started, start_timed = time.perf_counter(), start
         prefetch = getattr(train, "prefetch", None)  # data on disk (memory-mapped): read the next rows meanwhile
         for i in range(start, len(batches)):
             index = batches[i]
@@ -296,15 +297,18 @@ class Trainer:
             ctx = self.context(self.epoch + i / len(batches))
             if "lr" in ctx.values:
                 self._set_learning_rates(ctx.values["lr"])
+            compiling = self._compile_pending
             with self._autocast():
-                out = self.module(batch, ctx)
+                out = self._compiled_forward(batch, ctx) if compiling else self.module(batch, ctx)
             self._step(out)
             totals.add(out, len(index))
-            if timed and (i + 1 - start == ESTIMATE_AFTER_STEPS or i + 1 == len(batches)):
+            if compiling and i + 1 < len(batches):  # the estimate times the compiled steps, not the compiling
+                epoch_started, start_timed = time.perf_counter(), i + 1
+            if timed and (i + 1 - start_timed == ESTIMATE_AFTER_STEPS or i + 1 == len(batches)):
                 timed = self._estimate_pending = False
-                per_step = (time.perf_counter() - epoch_started) / (i + 1 - start)
+                per_step = (time.perf_counter() - epoch_started) / (i + 1 - start_timed)
                 self.say(f"about {format_duration(per_step * len(batches))} per epoch here ({per_step * 1e3:.1f} ms "
-                         f"per step of {cfg.batch_size}, timed on the first {i + 1 - start} steps)")
+                         f"per step of {cfg.batch_size}, timed on {i + 1 - start_timed} steps)")
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:
@@ -327,6 +331,28 @@ class Trainer:
         record.update(epoch=self.epoch + 1, step=self.step, split="train",
                       **evaluate_schedules(self.schedules, self.epoch + 1))
         return record
+
+    def _compiled_forward(self, batch, ctx):
+        """The first step with --compile: compile the model's forward (torch.compile compiles on this first call);
+        if that fails, say why and go on eagerly. The batch is the same either way, and a failed compile has
+        drawn no random numbers from the model's draws that the eager call repeats (the seed stays reproducible
+        only up to torch.compile's own random streams, which differ from eager's)."""
+        self._compile_pending = False
+        if not type(self.model).compiles_faster:
+            self.say(f"--compile: torch.compile was measured no faster than eager for {self.model_name}'s training "
+                     "step (BENCHMARKS.md, torch.compile per model); compiling as asked")
+        eager = self.module
+        started = time.perf_counter()
+        try:
+            self.module = torch.compile(eager)
+            out = self.module(batch, ctx)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            self.module = eager
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.say(f"--compile: torch.compile failed ({type(err).__name__}: {first_line[:200]}); training eagerly")
+            return eager(batch, ctx)
+        self.say(f"--compile: compiled in {time.perf_counter() - started:.1f} s (the first step included)")
+        return out
 
     def _set_learning_rates(self, lr: float) -> None:
         """The ``lr`` schedule sets the learning rate of the groups that use --lr; a group with its own rate (a

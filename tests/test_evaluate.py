@@ -533,9 +533,9 @@ def test_estimated_seconds_scale_the_timed_block_by_examples_and_samples(monkeyp
     data = TensorData(torch.rand(64, 16).round(), None, None, "none", "tiny")
     ticks = iter(float(t) for t in range(100))
     monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))  # every timed block takes 1 s
-    # 8 examples x 64 samples timed; 64 examples x 6,400 samples is 8 x 100 times that
-    assert estimated_log_px_seconds(model, data, 6_400) == pytest.approx(800.0)
-    assert estimated_log_px_seconds(model, data.head(4), 16) == pytest.approx(1.0)  # 4 x 16 timed as they are
+    # 2 examples x 1,000 samples timed; 64 examples x 6,400 samples is 32 x 6.4 times that
+    assert estimated_log_px_seconds(model, data, 6_400) == pytest.approx(204.8)
+    assert estimated_log_px_seconds(model, data.head(1), 16) == pytest.approx(1.0)  # 1 x 16 timed as they are
 
 
 def test_the_default_budget_scores_the_first_examples_that_fit_and_says_so(tmp_path, monkeypatch, capsys):

@@ -472,8 +472,11 @@ class IsingDenoiser(BaseEstimator):
         ``COMPILE_MIN_PIXELS`` pixels, eager below. Where compiling fails, the fit falls back to eager
         (``"compiled"`` also warns); ``kernel_`` says which ran.
     elbo_every : mean-field only: compute the ELBO every this many sweeps (1 = every sweep). The convergence
-        check (the residual) runs every sweep regardless; the ELBO is a diagnostic and costs about as much as
-        the sweep itself.
+        check (the residual) runs every sweep regardless; the ELBO is a diagnostic, and its two logarithms per
+        pixel cost more than the sweep itself. The default is 1 because the ELBO after every sweep is what
+        ``denoise`` plots, and it shows a sweep that lowered it (a damped parallel update is not coordinate
+        ascent and can; the checkerboard schedule cannot); pass 10 for a fit about twice as fast whose curve has
+        a point every 10 sweeps (both timed in BENCHMARKS.md).
 
     Fitted attributes
     -----------------

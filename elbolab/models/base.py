@@ -145,6 +145,9 @@ class LatentVariableModel(nn.Module):
     selection_metric = "elbo"
     scheduled_values: tuple[str, ...] = ()  # the StepContext values loss() reads; the trainer refuses any other
     reads_mc_samples = False  # whether loss() uses ctx.mc_samples (L); the trainer refuses L > 1 otherwise
+    # whether torch.compile made this model's training step faster than eager when measured
+    # (benchmarks/bench_compile_models.py, BENCHMARKS.md); train --compile says so for the others
+    compiles_faster = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -279,6 +279,7 @@ class FlowVAE(VAE):
 
     config_class = FlowVAEConfig
     scheduled_values = ("beta", "capacity")  # no free bits: a flow's q has no per-dimension KL
+    compiles_faster = True
 
     def __init__(self, config: FlowVAEConfig):
         super().__init__(config)

@@ -157,6 +157,7 @@ class HierarchicalVAE(LatentVariableModel):
     config_class = HierarchicalConfig
     scheduled_values = ("beta",)
     reads_mc_samples = True
+    compiles_faster = True  # its many small layers: compiling fuses them (BENCHMARKS.md)
 
     def __init__(self, config: HierarchicalConfig):
         super().__init__(config)

@@ -58,6 +58,7 @@ class LadderIWAE(LadderVAE):
     selection_metric = "iwae_bound"  # --keep-best keeps the best of the bound it trains
     scheduled_values = ()  # L_k has no KL term to weight
     reads_mc_samples = False  # k importance samples replace the L Monte-Carlo samples (--set k=...)
+    compiles_faster = False  # unlike the ladder VAE it derives from (BENCHMARKS.md)
 
     def loss(self, batch: Batch, ctx: StepContext) -> LossOutput:
         _, log_w = self.importance_samples(batch, self.config.k, reparameterize=True)  # [k, B]

@@ -64,6 +64,7 @@ class VampPrior(VAE):
 
     config_class = VampPriorConfig
     scheduled_values = ("beta", "capacity")  # no free bits: there is no per-dimension KL to a mixture
+    compiles_faster = True
 
     def __init__(self, config: VampPriorConfig):
         super().__init__(config)
