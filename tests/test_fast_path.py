@@ -370,6 +370,17 @@ def test_benchmark_smoke_mode_runs(script, tmp_path):
     assert "smoke test" in done.stdout and "| elbolab" in done.stdout
 
 
+def test_eval_probe_benchmark_smoke_mode_runs(tmp_path):
+    """bench_eval_probe.py --smoke: a tiny digits VAE, one N:K pair, a row with both probes' predictions."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_eval_probe.py"), "--smoke", "--json",
+                           str(tmp_path / "probe.json")], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "probe.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["n"] == 20 and rows[0]["k"] == 50
+    assert rows[0]["predicted_s"] > 0 and rows[0]["measured_s"] > 0 and rows[0]["older_probe_s"] > 0
+
+
 @pytest.mark.parametrize("script, result", [("bench_sandwich.py", "sandwich.json"),
                                             ("bench_kl_anatomy.py", "kl_anatomy.json")])
 def test_evaluation_benchmark_smoke_mode_runs(script, result, tmp_path):
