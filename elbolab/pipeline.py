@@ -37,7 +37,7 @@ from elbolab.likelihoods import LIKELIHOODS
 from elbolab.loading import load_run, load_run_data
 from elbolab.models import get_model_class
 from elbolab.outputs import check_memory, check_output_file, round_down
-from elbolab.progress import Progress, format_duration, say
+from elbolab.progress import Progress, format_duration, quiet, say
 from elbolab.records import SCHEMA_VERSION, Evaluation
 from elbolab.report import write_report
 from elbolab.trainer import Trainer
@@ -135,18 +135,19 @@ def train(model_name: str | None = None, data=None, *, out, resume: bool = False
         trainer.say(loaded.summary())
     if trainer.rank == 0:
         warn_if_cores_busy(train_config.progress)
-    history = trainer.fit(splits.train, splits.val, resume=resume, overwrite=overwrite)
-    if trainer.rank == 0:
-        try:
-            summary = _training_summary(model, splits.val, history, Path(out), time.perf_counter() - started)
-            if figures:
-                model.figures(out, splits)
-                report(out)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted("training is complete (weights and checkpoint saved); the report was "
-                                      f"interrupted: rebuild it with 'elbolab report {out}'") from None
-        for line in summary["lines"]:
-            trainer.say(line)
+    with quiet(not train_config.progress):  # also the progress a model reports from inside
+        history = trainer.fit(splits.train, splits.val, resume=resume, overwrite=overwrite)
+        if trainer.rank == 0:
+            try:
+                summary = _training_summary(model, splits.val, history, Path(out), time.perf_counter() - started)
+                if figures:
+                    model.figures(out, splits)
+                    report(out)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted("training is complete (weights and checkpoint saved); the report was "
+                                          f"interrupted: rebuild it with 'elbolab report {out}'") from None
+            for line in summary["lines"]:
+                trainer.say(line)
     if trainer.world > 1 and torch.distributed.is_initialized():
         # leave together and release the process group. Its gloo threads may outlive this call (something in torch
         # keeps a reference) and abort the interpreter's teardown ("terminate called without an active exception",

@@ -13,12 +13,26 @@ tests use to see every phase of a quick command; read when a Progress starts, so
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 
 LINE_EVERY_S = 10.0
 EVERY_VARIABLE = "ELBOLAB_PROGRESS_EVERY"
+_quiet_depth = 0  # > 0 inside quiet(): every Progress is off
+
+
+@contextlib.contextmanager
+def quiet(on: bool = True):
+    """Within it (when ``on``), every Progress is off: a run started with --no-progress also silences the progress a
+    model reports from inside (local-vi's fits of q(z), VaDE's EM), which no flag of the model carries."""
+    global _quiet_depth
+    _quiet_depth += bool(on)
+    try:
+        yield
+    finally:
+        _quiet_depth -= bool(on)
 
 
 def line_every() -> float:
@@ -37,7 +51,7 @@ class Progress:
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "steps", *, enabled: bool = True,
                  initial: int = 0):
-        self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
+        self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled and not _quiet_depth
         self.done = initial
         self.postfix = ""
         self._bar = None

@@ -354,3 +354,14 @@ def test_train_and_eval_warn_once_when_busy_and_obey_threads(vae_run, folder, mo
         torch.set_num_threads(before)
     assert main([str(a) for a in (*evaluate, "--threads", "0")]) == 2
     assert "--threads N >= 1" in capsys.readouterr().err
+
+
+def test_no_progress_also_silences_what_a_model_reports_from_inside(tmp_path, monkeypatch, capsys):
+    """local-vi fits q(z) inside training and for its figures, with its own Progress: --no-progress reaches it."""
+    monkeypatch.setenv(EVERY_VARIABLE, "0")  # every update would print a line
+    options = dict(latent_dim=2, hidden=(16,), train_size=600, epochs=1, batch_size=64, tensorboard=False,
+                   fit_steps=2, val_rows=20)
+    pipeline.train("local-vi", "digits", out=tmp_path / "quiet", progress=False, **options)
+    assert "local-vi: fitting q(z)" not in capsys.readouterr().out
+    pipeline.train("local-vi", "digits", out=tmp_path / "talking", progress=True, **options)
+    assert "local-vi: fitting q(z)" in capsys.readouterr().out  # the same run with progress says it
