@@ -114,7 +114,7 @@ def detach_distribution(dist: Distribution) -> Distribution:
 
     A ``TransformedDistribution`` (a flow) is rebuilt from its detached base and detached transforms: a transform
     with learned parameters must offer ``detached()`` (the same map with its parameters, amortised or global, cut
-    from the graph and an empty cache, e.g. ``flow_vae.PlanarTransform``, ``IAFTransform``); torch's
+    from the graph and an empty cache, e.g. ``flows.PlanarTransform``, ``IAFTransform``); torch's
     ``AffineTransform``, ``ComposeTransform``, ``IndependentTransform``, inverses and the parameter-free
     elementwise transforms are handled here. The transforms are fresh, with empty caches, so log_prob(z) inverts z
     numerically (the caches of the original transforms hold pre-images whose graph reaches the parameters): the

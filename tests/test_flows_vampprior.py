@@ -25,9 +25,10 @@ from torch.nn import functional as F
 
 from elbolab import pipeline
 from elbolab.data import load_data
+from elbolab.flows import IDENTITY_OFFSET, MADE, IAFTransform, PlanarTransform, planar_u_hat
 from elbolab.models import get_model_class
 from elbolab.models.base import check_parameter_groups
-from elbolab.models.flow_vae import IDENTITY_OFFSET, MADE, FlowVAE, IAFTransform, PlanarTransform, planar_u_hat
+from elbolab.models.flow_vae import FlowVAE
 from elbolab.models.vae import VAE
 from elbolab.models.vampprior import VampPrior
 from elbolab.objectives import detach_distribution
