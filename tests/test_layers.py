@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "elbolab"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "config", "schedules", "precision", "manifest", "outputs", "runs", "records",
                     "progress")),
-    ("math and networks", ("objectives", "likelihoods", "networks", "flows", "density_ratio", "clustering",
+    ("math and networks", ("objectives", "likelihoods", "networks", "flows", "hierarchy", "density_ratio", "clustering",
                            "kl_anatomy", "classical")),
     ("data", ("data",)),
     ("estimators", ("estimators", "ais", "inference")),  # over any model's distributions, duck-typed

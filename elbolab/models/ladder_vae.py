@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+from elbolab.hierarchy import GaussianHead, diagonal_normal
 from elbolab.models.base import option
-from elbolab.models.hvae import GaussianHead, HierarchicalConfig, HierarchicalVAE, diagonal_normal
+from elbolab.models.hvae import HierarchicalConfig, HierarchicalVAE
 from elbolab.models.registry import register_model
 from elbolab.networks import precision_weighted_merge
 
