@@ -56,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 
+from chunked import cpu_model, log
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -69,17 +71,6 @@ PYRO = {"CVAE": {1: 71.8, 2: 51.0, 3: 24.2}, "baseline": {1: 100.4, 2: 61.9, 3: 
 PYRO_SOURCE = ("Pyro CVAE tutorial (tutorial/source/cvae.ipynb, results table: rows 'NN (baseline)' and "
                "'CVAE (Monte Carlo)'), github.com/pyro-ppl/pyro commit ff6ae1c (2024-10-24), read 2026-12-07")
 HIDDEN, LATENT = (500, 500), 200
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%H:%M:%S')} UTC] {msg}", flush=True)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def load_splits(data_dir: str):

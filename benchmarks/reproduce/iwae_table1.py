@@ -34,13 +34,25 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from chunked import (
+    add_budget_arguments,
+    cpu_model,
+    deadline_from,
+    elbolab,
+    epochs_done,
+    evaluate_run,
+    log,
+    read_metrics,
+    read_sessions,
+    seconds_per_epoch,
+    slow_epochs,
+    train_in_chunks,
+    train_seconds,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,55 +77,6 @@ CONTENDERS = {
 EVAL_SECONDS_PER_IMAGE = 0.1  # K = 5000, one thread, one stochastic layer (measured 2026-12-07); a first guess only
 
 
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC] {msg}", flush=True)
-
-
-def elbolab() -> list[str]:
-    script = Path(sys.executable).with_name("elbolab")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "elbolab"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_metrics(run: Path) -> dict[int, dict]:
-    """epoch -> {"train": record, "val": record}; the last record of an (epoch, split) wins."""
-    epochs: dict[int, dict] = {}
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return epochs
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if "epoch" in r and "split" in r:
-            epochs.setdefault(int(r["epoch"]), {})[r["split"]] = r
-    return epochs
-
-
-def epochs_done(metrics: dict[int, dict]) -> int:
-    return max((e for e, recs in metrics.items() if "train" in recs), default=0)
-
-
-def seconds_per_epoch(metrics: dict[int, dict], last: int = 20) -> float | None:
-    secs = [metrics[e]["train"]["seconds"] for e in sorted(metrics) if "train" in metrics[e]
-            and "seconds" in metrics[e]["train"]][-last:]
-    if not secs:
-        return None
-    # the median: an epoch during which a neighbour paused this process (SIGSTOP, minutes) must not set the plan;
-    # the deadline is kept by re-planning after every chunk
-    return statistics.median(secs)
-
-
 def train_command(name: str, run: Path, target: int, args, resume: bool) -> list[str]:
     common = ["--epochs", str(target), "--checkpoint-every", str(args.checkpoint_every), "--no-progress",
               "--no-tensorboard"]
@@ -124,12 +87,6 @@ def train_command(name: str, run: Path, target: int, args, resume: bool) -> list
                         "--binarize", "dynamic", "--val-size", str(VAL_SIZE), *extra, "--batch-size", "20",
                         "--lr", "1e-3", "--adam-eps", "1e-4", "--schedule", f"lr={SCHEDULE}", "--seed",
                         str(args.seed), "--precision", args.precision, *common]
-
-
-def run_logged(cmd: list[str]) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log("$ " + shlex.join(cmd))
-    return subprocess.run(cmd, env=env).returncode  # output goes to this script's stdout (the log file)
 
 
 def thin_curve(metrics: dict[int, dict]) -> dict:
@@ -152,51 +109,12 @@ def thin_curve(metrics: dict[int, dict]) -> dict:
     return curve
 
 
-def sessions_path(args, name: str) -> Path:
-    return Path(args.runs_dir) / f"{name}.sessions.jsonl"
-
-
-def read_sessions(args, name: str) -> list[dict]:
-    path = sessions_path(args, name)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_session(args, name: str, record: dict) -> None:
-    with open(sessions_path(args, name), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def evaluate(name: str, run: Path, args, epoch: int) -> dict | None:
-    """elbolab eval RUN --iw-samples K on the test set; returns the small record kept in the result file."""
-    cmd = elbolab() + ["eval", str(run), "--iw-samples", str(args.eval_k), "--data-dir", args.data_dir,
-                       "--seed", "0", "--no-progress"]
-    if args.eval_limit:
-        cmd += ["--limit", str(args.eval_limit)]
-    start = time.time()
-    if run_logged(cmd) != 0:
-        log("evaluation failed (see above)")
-        return None
-    r = json.loads((run / "eval.json").read_text())
-    lp = r["log_px"]
-    return {"epoch": epoch, "k": lp.get("k", args.eval_k), "n_examples": lp.get("n_examples", r.get("n_examples")),
-            "test_nll": round(-lp["mean"], 4), "mc_stderr": round(lp["mc_stderr"], 4),
-            "stderr_over_examples": round(lp.get("stderr_over_examples", float("nan")), 4)
-            if lp.get("stderr_over_examples") is not None else None,
-            "ess_mean": lp.get("ess_mean"), "elbo": r.get("elbo"), "active_units": r.get("active_units"),
-            "latent_dim": r.get("latent_dim"), "weights": r.get("weights"), "precision": r.get("precision"),
-            "evaluated_at": r.get("evaluated_at"), "seconds": round(time.time() - start, 1),
-            "command": shlex.join(["elbolab", *cmd[1:]])}
-
-
 def write_result(name: str, run: Path, args, evaluations: list[dict]) -> Path:
     model, extra, paper, row = CONTENDERS[name]
     metrics = read_metrics(run)
     done = epochs_done(metrics)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    sessions = read_sessions(args, name)
-    train_seconds = sum(m["train"].get("seconds", 0.0) for m in metrics.values() if "train" in m)
+    sessions = read_sessions(run)
     spe = seconds_per_epoch(metrics)
     last = evaluations[-1] if evaluations else None
     complete = done >= SCHEDULE_EPOCHS
@@ -218,9 +136,8 @@ def write_result(name: str, run: Path, args, evaluations: list[dict]) -> Path:
         "status": status,
         "epochs_done": done,
         "schedule_epochs": SCHEDULE_EPOCHS,
-        "train_hours": round(train_seconds / 3600, 3),  # wall seconds of the epochs, pauses included
-        "slow_epochs": [e for e in sorted(metrics) if "train" in metrics[e] and spe
-                        and metrics[e]["train"].get("seconds", 0) > 5 * spe],  # paused or starved (> 5x median)
+        "train_hours": round(train_seconds(metrics) / 3600, 3),  # wall seconds of the epochs, pauses included
+        "slow_epochs": slow_epochs(metrics),  # paused or starved (> 5x the median)
         "wall_hours_chunks": round(sum(s.get("wall_seconds", 0.0) for s in sessions) / 3600, 3),
         "seconds_per_epoch_recent": round(spe, 3) if spe else None,
         "cpu": cpu_model(),
@@ -330,18 +247,13 @@ def figure(args, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", nargs="?", choices=list(CONTENDERS))
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--hours", type=float, help="stop training cleanly before this many hours from now")
-    budget.add_argument("--until", help="stop training cleanly before this UTC time today, HH:MM")
+    add_budget_arguments(p)
     p.add_argument("--runs-dir", default=str(RUNS_DEFAULT), help="run folders (outside the repository)")
     p.add_argument("--data-dir", default=DATA_DIR_DEFAULT)
     p.add_argument("--results-dir", default=str(RESULTS), help="where the result JSON goes (a test: elsewhere)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="a new run's precision")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="also checkpoint every N steps in an epoch")
-    p.add_argument("--chunk-minutes", type=float, default=30.0,
-                   help="re-plan after at most this much training (the speed moves with the machine's load)")
-    p.add_argument("--margin-seconds", type=float, default=120.0, help="kept free before the deadline")
     p.add_argument("--evaluate", action="store_true", help="evaluate now even if the schedule is not complete")
     p.add_argument("--no-evaluate", action="store_true", help="never evaluate (not even at the schedule's end)")
     p.add_argument("--eval-k", type=int, default=5000)
@@ -366,50 +278,13 @@ def main(argv=None) -> int:
         log(f"wrote {write_result(name, run, args, evaluations)}")
         return 0
 
-    started = time.time()
-    if args.until:
-        hh, mm = (int(v) for v in args.until.split(":"))
-        now = dt.datetime.now(dt.timezone.utc)
-        deadline_dt = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-        if deadline_dt <= now:
-            sys.exit(f"--until {args.until}: that time has passed today (UTC)")
-        deadline = started + (deadline_dt - now).total_seconds()
-    else:
-        deadline = started + 3600 * (args.hours if args.hours is not None else 1.0)
+    deadline = deadline_from(args.hours, args.until)
     log(f"{name}: run folder {run}; deadline "
         f"{dt.datetime.fromtimestamp(deadline, dt.timezone.utc).strftime('%H:%M:%S')} UTC; CPU {cpu_model()}; "
         f"load {os.getloadavg()[0]:.2f}")
-    code = 0
-    while True:
-        metrics = read_metrics(run)
-        done = epochs_done(metrics)
-        resume = (run / "checkpoint.safetensors").is_file() and (run / "config.json").is_file()
-        if done >= SCHEDULE_EPOCHS:
-            log(f"{name}: schedule complete ({done} epochs)")
-            break
-        spe = seconds_per_epoch(metrics)
-        left = deadline - time.time() - args.margin_seconds
-        if spe is None:  # a new run: one epoch first, to measure the speed
-            target = 1 if left > 60 else done
-        else:
-            fit = int(min(left, 60 * args.chunk_minutes) // (spe * 1.05))
-            target = min(SCHEDULE_EPOCHS, done + fit)
-        if target <= done:
-            log(f"{name}: no further epoch fits before the deadline ({done} done, {spe or float('nan'):.1f} s/epoch)")
-            break
-        log(f"{name}: {done} epochs done, {spe or float('nan'):.2f} s/epoch measured; training to epoch {target}")
-        chunk_start = time.time()
-        code = run_logged(train_command(name, run, target, args, resume))
-        # one ledger line per finished chunk (a chunk killed with the session is missing here; its epochs' seconds
-        # are still in metrics.jsonl, which train_hours sums)
-        append_session(args, name, {"started": dt.datetime.fromtimestamp(chunk_start, dt.timezone.utc).isoformat(
-            timespec="seconds"), "epochs_from": done, "epochs_to": epochs_done(read_metrics(run)), "wall_seconds":
-            round(time.time() - chunk_start, 1), "exit_code": code, "cpu": cpu_model(),
-            "load_at_end": round(os.getloadavg()[0], 2)})
-        write_result(name, run, args, evaluations)
-        if code != 0:
-            log(f"{name}: elbolab train exited with {code}; stopping")
-            break
+    code = train_in_chunks(run, SCHEDULE_EPOCHS, lambda target, resume: train_command(name, run, target, args, resume),
+                           deadline, chunk_minutes=args.chunk_minutes, margin_seconds=args.margin_seconds,
+                           after_chunk=lambda: write_result(name, run, args, evaluations))
     done = epochs_done(read_metrics(run))
 
     want_eval = (not args.no_evaluate and code == 0 and done > 0 and (args.evaluate or done >= SCHEDULE_EPOCHS))
@@ -429,7 +304,7 @@ def main(argv=None) -> int:
             log(f"{name}: evaluation needs about {need / 60:.0f} min, more than is left before the deadline; "
                 "the next call evaluates")
         else:
-            record = evaluate(name, run, args, done)
+            record = evaluate_run(run, args.data_dir, args.eval_k, args.eval_limit, done)
             if record:
                 evaluations.append(record)
                 log(f"{name}: test NLL {record['test_nll']:.2f} (MC s.e. {record['mc_stderr']:.3f}, "

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from chunked import cpu_model, log
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -55,17 +57,6 @@ NOTES_NVDM = {
 }
 # bench_nvdm.py's NVDM-50 protocol
 PROTOCOL = dict(latent_dim=50, updates="joint", activation="tanh", epochs=60, batch_size=64, lr=5e-4, seed=0)
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%H:%M:%S')} UTC] {msg}", flush=True)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def epochs_done(run: Path) -> int:
