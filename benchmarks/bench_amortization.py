@@ -46,6 +46,18 @@ def mean_se(result: dict, key: str) -> str:
             "(images)")
 
 
+def last_epoch(run: Path) -> int | None:
+    """The last epoch the run's metrics.jsonl records (a line cut by a kill is skipped)."""
+    epochs = []
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            epochs.append(json.loads(line).get("epoch"))
+        except ValueError:
+            continue
+    return max((e for e in epochs if isinstance(e, int)), default=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a trained run folder (skips training)")
@@ -127,6 +139,7 @@ def main() -> None:
             "mc_stderr"], "approximation_gap": float(old_approximation.mean()),
             "approximation_gap_stderr_over_examples": float(old_approximation.std() / math.sqrt(n))}
         record = {"machine": info, "run": str(run), "model_config": config["model_config"],
+                  "weights_epoch": last_epoch(run),  # the epoch of model.safetensors unless the run is training
                   "train_config": config["train_config"], "train_seconds": train_seconds,
                   "eval_seconds": eval_seconds, "args": vars(args), "result": summary,
                   "per_example": {key: value.tolist() for key, value in per.items()}}

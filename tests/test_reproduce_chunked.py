@@ -72,3 +72,28 @@ def test_a_paused_epoch_does_not_set_the_plan(tmp_path):
     assert chunked.epochs_done(metrics) == 7
     assert chunked.seconds_per_epoch(metrics) == 10.0
     assert chunked.slow_epochs(metrics) == [3]
+
+
+def test_the_scoreboard_holds_what_the_result_files_say():
+    """docs/reproductions.md's generated blocks equal the --table output of the committed result files (a number
+    changed by hand in a block, or a result file committed without re-rendering the page, fails here)."""
+    scoreboard = pytest.importorskip("scoreboard")
+    page = scoreboard.PAGE.read_text()
+    assert scoreboard.render(page, scoreboard.RESULTS) == page, "run benchmarks/reproduce/scoreboard.py"
+
+
+def test_the_scoreboard_notices_a_changed_result(tmp_path):
+    """The check can fail: a result file with another epoch count changes the IWAE block."""
+    import shutil
+
+    scoreboard = pytest.importorskip("scoreboard")
+    results = tmp_path / "results"
+    shutil.copytree(scoreboard.RESULTS, results)
+    path = results / "iwae_table1_vae-k1.json"
+    if not path.is_file():
+        pytest.skip("no vae-k1 result file")
+    record = json.loads(path.read_text())
+    record["epochs_done"] += 1
+    path.write_text(json.dumps(record))
+    page = scoreboard.PAGE.read_text()
+    assert scoreboard.render(page, results) != page

@@ -185,3 +185,43 @@ def evaluate_run(run: Path, data_dir: str | None, k: int, limit: int, epoch: int
             "latent_dim": r.get("latent_dim"), "weights": r.get("weights"), "precision": r.get("precision"),
             "evaluated_at": r.get("evaluated_at"), "seconds": round(time.time() - start, 1),
             "command": shlex.join(["elbolab", *cmd[1:]])}
+
+
+def progress_figure(path: Path, results: dict[str, dict], papers: dict[str, float | None], *, held_out: str,
+                    marks: list[int], marks_label: str, last_epoch: int, title: str) -> None:
+    """-(validation ELBO) against epochs (log axis) per contender from its result file's "curve", its test NLL
+    evaluations as points, the paper's value dashed, and grey vertical lines at ``marks``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
+    for i, (name, r) in enumerate(results.items()):
+        color = f"C{i}"
+        c = r["curve"]
+        pts = [(e, -v) for e, v in zip(c["epoch"], c["val_elbo"]) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), color=color, lw=1.2, label=f"{name}: -ELBO, {held_out}")
+            values += [v for _, v in pts[len(pts) // 10:]]
+        evals = [(e["epoch"], e["test_nll"]) for e in r.get("test_evaluations", [])]
+        if evals:
+            ax.plot(*zip(*evals), "o", color=color, label=f"{name}: test NLL (IS)")
+            values += [v for _, v in evals]
+        if papers.get(name) is not None:
+            ax.axhline(papers[name], color=color, ls="--", lw=0.8, label=f"{name}: paper {papers[name]}")
+            values.append(papers[name])
+    for mark in marks:
+        ax.axvline(mark, color="0.85", lw=0.6, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlim(1, last_epoch)
+    if values:
+        ax.set_ylim(min(values) - 2, max(values) + 2)
+    ax.set_xlabel(f"epoch (grey: {marks_label})")
+    ax.set_ylabel("nats")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

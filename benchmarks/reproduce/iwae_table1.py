@@ -46,6 +46,7 @@ from chunked import (
     epochs_done,
     evaluate_run,
     log,
+    progress_figure,
     read_metrics,
     read_sessions,
     seconds_per_epoch,
@@ -213,35 +214,10 @@ def markdown_table(args) -> str:
 
 def figure(args, path: Path) -> None:
     """-(validation ELBO) against epochs (log axis) per contender, and the test NLL evaluations as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = load_results(args)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, r) in enumerate(results.items()):
-        color = f"C{i}"
-        c = r["curve"]
-        pts = [(e, -v) for e, v in zip(c["epoch"], c["val_elbo"]) if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), color=color, lw=1.2, label=f"{name}: -ELBO, {VAL_SIZE} held-out images")
-        evals = [(e["epoch"], e["test_nll"]) for e in r.get("test_evaluations", [])]
-        if evals:
-            ax.plot(*zip(*evals), "o", color=color, label=f"{name}: test NLL (IS)")
-        ax.axhline(CONTENDERS[name][2], color=color, ls="--", lw=0.8, label=f"{name}: paper {CONTENDERS[name][2]}")
-    for end in STAGE_ENDS:
-        ax.axvline(end, color="0.85", lw=0.6, zorder=0)
-    ax.set_xscale("log")
-    ax.set_xlim(1, SCHEDULE_EPOCHS)
-    ax.set_ylim(80, 120)
-    ax.set_xlabel("epoch (grey: ends of the learning-rate stages)")
-    ax.set_ylabel("nats")
-    ax.set_title("IWAE paper, Table 1 protocol: progress per contender")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    progress_figure(path, load_results(args), {name: c[2] for name, c in CONTENDERS.items()},
+                    held_out=f"{VAL_SIZE} held-out images", marks=STAGE_ENDS,
+                    marks_label="ends of the learning-rate stages", last_epoch=SCHEDULE_EPOCHS,
+                    title="IWAE paper, Table 1 protocol: progress per contender")
 
 
 def main(argv=None) -> int:

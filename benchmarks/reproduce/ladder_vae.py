@@ -40,6 +40,7 @@ from chunked import (
     epochs_done,
     evaluate_run,
     log,
+    progress_figure,
     read_metrics,
     read_sessions,
     seconds_per_epoch,
@@ -120,6 +121,15 @@ def markdown_table(args) -> str:
     return "\n".join(lines)
 
 
+def figure(args, path: Path) -> None:
+    """-(validation ELBO) against epochs (log axis) per contender, and the test NLL evaluations as points."""
+    results = {name: json.loads((Path(args.results_dir) / f"ladder_vae_{name}.json").read_text())
+               for name in CONTENDERS if (Path(args.results_dir) / f"ladder_vae_{name}.json").is_file()}
+    progress_figure(path, results, {name: c[1] for name, c in CONTENDERS.items()},
+                    held_out="10,000 held-out images", marks=[WARMUP], marks_label="end of the KL warm-up",
+                    last_epoch=EPOCHS, title="Ladder VAE protocol: ladder-vae against hvae")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", nargs="?", choices=list(CONTENDERS))
@@ -130,9 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=str(RESULTS), help="where the result JSON goes (a test: elsewhere)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="train to this epoch (the protocol: 2,000)")
     p.add_argument("--table", action="store_true", help="print the scoreboard rows from the result files and exit")
+    p.add_argument("--figure", help="draw the progress figure of every result file to this PNG and exit")
     args = p.parse_args(argv)
-    if args.table:
-        print(markdown_table(args))
+    if args.table or args.figure:
+        if args.table:
+            print(markdown_table(args))
+        if args.figure:
+            figure(args, Path(args.figure))
         return 0
     if args.name is None:
         p.error("a contender name is needed (or --table)")
