@@ -124,6 +124,22 @@ def add_budget_arguments(parser) -> None:
     parser.add_argument("--margin-seconds", type=float, default=120.0, help="kept free before the deadline")
 
 
+def add_output_arguments(parser) -> None:
+    """--table and --figure: print the scoreboard rows / draw the figure from the result files, and exit."""
+    parser.add_argument("--table", action="store_true", help="print the scoreboard rows from the result files and exit")
+    parser.add_argument("--figure", help="draw the figure of every result file to this PNG and exit")
+
+
+def table_or_figure(args, table: Callable, figure: Callable) -> bool:
+    """Does what --table / --figure ask (``table(args)`` returns markdown, ``figure(args, path)`` draws); True when
+    one of them was given (the caller then exits)."""
+    if args.table:
+        print(table(args))
+    if args.figure:
+        figure(args, Path(args.figure))
+    return bool(args.table or args.figure)
+
+
 def train_in_chunks(run: Path, total_epochs: int, command: Callable[[int, bool], list[str]], deadline: float, *,
                     chunk_minutes: float = 30.0, margin_seconds: float = 120.0,
                     after_chunk: Callable[[], None] | None = None) -> int:

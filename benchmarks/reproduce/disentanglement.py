@@ -38,6 +38,7 @@ from pathlib import Path
 
 from chunked import (
     add_budget_arguments,
+    add_output_arguments,
     cpu_model,
     deadline_from,
     elbolab,
@@ -45,6 +46,7 @@ from chunked import (
     log,
     read_metrics,
     read_sessions,
+    table_or_figure,
     train_in_chunks,
     train_seconds,
 )
@@ -210,14 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=str(RESULTS), help="where the result JSON goes (a test: elsewhere)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="the run's length (the protocol: 27; a smoke test: 1)")
     p.add_argument("--train-size", type=int, default=0, help="first N training images only (a smoke test; 0: all)")
-    p.add_argument("--table", action="store_true", help="print the scoreboard rows from the result files and exit")
-    p.add_argument("--figure", help="draw the figure of every result file to this PNG and exit")
+    add_output_arguments(p)
     args = p.parse_args(argv)
-    if args.table or args.figure:
-        if args.table:
-            print(markdown_table(args))
-        if args.figure:
-            figure(args, Path(args.figure))
+    if table_or_figure(args, markdown_table, figure):
         return 0
     if args.setting is None:
         p.error("a setting is needed (or --table / --figure)")

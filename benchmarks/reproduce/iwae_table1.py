@@ -40,6 +40,7 @@ from pathlib import Path
 
 from chunked import (
     add_budget_arguments,
+    add_output_arguments,
     cpu_model,
     deadline_from,
     elbolab,
@@ -51,6 +52,7 @@ from chunked import (
     read_sessions,
     seconds_per_epoch,
     slow_epochs,
+    table_or_figure,
     train_in_chunks,
     train_seconds,
 )
@@ -235,14 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-k", type=int, default=5000)
     p.add_argument("--eval-limit", type=int, default=0, help="first N test images only (0: all 10,000)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the result file")
-    p.add_argument("--table", action="store_true", help="print the scoreboard rows from the result files and exit")
-    p.add_argument("--figure", help="draw the progress figure of every result file to this PNG and exit")
+    add_output_arguments(p)
     args = p.parse_args(argv)
-    if args.table or args.figure:
-        if args.table:
-            print(markdown_table(args))
-        if args.figure:
-            figure(args, Path(args.figure))
+    if table_or_figure(args, markdown_table, figure):
         return 0
     if args.name is None:
         p.error("a contender name is needed (or --table / --figure)")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from chunked import (
     add_budget_arguments,
+    add_output_arguments,
     cpu_model,
     deadline_from,
     elbolab,
@@ -44,6 +45,7 @@ from chunked import (
     read_metrics,
     read_sessions,
     seconds_per_epoch,
+    table_or_figure,
     train_in_chunks,
     train_seconds,
 )
@@ -139,17 +141,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=DATA_DIR_DEFAULT)
     p.add_argument("--results-dir", default=str(RESULTS), help="where the result JSON goes (a test: elsewhere)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="train to this epoch (the protocol: 2,000)")
-    p.add_argument("--table", action="store_true", help="print the scoreboard rows from the result files and exit")
-    p.add_argument("--figure", help="draw the progress figure of every result file to this PNG and exit")
+    add_output_arguments(p)
     args = p.parse_args(argv)
-    if args.table or args.figure:
-        if args.table:
-            print(markdown_table(args))
-        if args.figure:
-            figure(args, Path(args.figure))
+    if table_or_figure(args, markdown_table, figure):
         return 0
     if args.name is None:
-        p.error("a contender name is needed (or --table)")
+        p.error("a contender name is needed (or --table / --figure)")
     run = Path(args.runs_dir) / args.name
     run.parent.mkdir(parents=True, exist_ok=True)
     previous = Path(args.results_dir) / f"ladder_vae_{args.name}.json"
